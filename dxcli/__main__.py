@@ -1,0 +1,3 @@
+from dxcli.cli.main import run
+
+run()

@@ -1,0 +1,40 @@
+"""The one conversation template (Vicuna v1) and the default question, used everywhere."""
+
+from __future__ import annotations
+
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+IMAGE_TOKEN = "<image>"
+EOS = "</s>"
+DEFAULT_QUESTION = (
+    "Analyze this image for any signs of digital manipulation or artificial generation and "
+    "determine if it is real or fake. Provide your reasoning first, then conclude with "
+    "'### Answer: real' or '### Answer: fake'."
+)
+
+
+def user_text(question: str) -> str:
+    """The human turn: `<image>` first, then the question (LLaVA convention)."""
+    question = question.replace(IMAGE_TOKEN, "").strip()
+    return f"{IMAGE_TOKEN}\n{question}"
+
+
+def prompt(question: str) -> str:
+    """Everything up to and including `ASSISTANT:`; the model continues from here."""
+    return f"{SYSTEM} USER: {user_text(question)} ASSISTANT:"
+
+
+def full_text(question: str, answer: str, eos: str = EOS) -> tuple[str, str]:
+    """(prompt, completion) for training: the completion is the supervised part."""
+    return prompt(question), f" {answer.strip()}{eos}"
+
+
+def split_conversation(conversations: list[dict]) -> tuple[str, str]:
+    """(question, answer) from a LLaVA record's first human/gpt turns."""
+    human = next((turn["value"] for turn in conversations if turn.get("from") == "human"), None)
+    gpt = next((turn["value"] for turn in conversations if turn.get("from") == "gpt"), None)
+    if human is None or gpt is None:
+        raise ValueError("conversation needs a 'human' and a 'gpt' turn")
+    return human.replace(IMAGE_TOKEN, "").strip(), gpt
