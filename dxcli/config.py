@@ -73,6 +73,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     seed: int = 42
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2  # newest resumable checkpoints kept in RUN/checkpoints
     log_every: int = 1
 
 
@@ -80,6 +81,7 @@ class TrainConfig:
 class AlignConfig:
     lr: float = 1e-3
     epochs: float | None = None  # None -> train.epochs
+    bin_alpha: float = 10.0  # the head learns from the start
 
 
 @dataclass

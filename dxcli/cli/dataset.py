@@ -1,0 +1,216 @@
+"""`dx dataset check|split|demo`: parse arguments and print; the work is in dxcli.data."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from dxcli.cli.common import DEFAULT_PROFILE_NAME, ProfileOpt, SetOpt, console, err_console, is_tty
+
+app = typer.Typer(help="Check, split and generate image datasets (ROOT/<domain>/<split>/<label>/<file>).",
+                  no_args_is_help=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
+MAX_PROBLEM_ROWS = 40  # the table stays readable; --json has them all
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar on stderr when it is a terminal; otherwise no callback at all."""
+    if not is_tty():
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=err_console, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def print_json(obj: dict[str, Any]) -> None:
+    typer.echo(json.dumps(obj, ensure_ascii=False))
+
+
+def counts_table(counts: dict[str, dict[str, dict[str, int]]], title: str = "images"):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in ("domain", "split", "real", "fake", "total"):
+        table.add_column(column, justify="left" if column in ("domain", "split") else "right")
+    for domain, splits in counts.items():
+        for split, labels in splits.items():
+            table.add_row(domain, split, str(labels["real"]), str(labels["fake"]),
+                          str(labels["real"] + labels["fake"]))
+    return table
+
+
+def _problems_table(problems: list[dict[str, str]]):
+    from rich.table import Table
+
+    table = Table(title="problems", title_justify="left")
+    for column in ("", "kind", "path", "detail"):
+        table.add_column(column, overflow="fold")
+    for problem in problems[:MAX_PROBLEM_ROWS]:
+        error = problem["severity"] == "error"
+        table.add_row("[red]error[/]" if error else "[yellow]warn[/]", problem["kind"],
+                      problem["path"], problem["detail"])
+    return table
+
+
+@app.command()
+def check(
+    root: Annotated[Path, typer.Argument(help="Dataset tree ROOT/<domain>/<split>/<label>/<file>.")],
+    json_out: JsonOpt = False,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Decoding processes (0 = all cores).")] = None,
+    profile: ProfileOpt = DEFAULT_PROFILE_NAME,
+    sets: SetOpt = None,
+) -> None:
+    """Decode every image, count per domain x split x label, report problems.
+
+    Errors (exit 1): corrupt, empty, not_image, too_large, unexpected_dir, duplicate (same bytes
+    twice in one split, any domains), leak (same bytes in two splits). Warnings (exit 0):
+    too_small, imbalance, stray_file. Config keys: dataset.min_side, dataset.max_pixels,
+    dataset.imbalance_ratio, dataset.workers.
+
+    Example: dx dataset check demo-data --json
+    """
+    from dxcli.cli.common import resolve_config
+    from dxcli.data.check import check_tree
+
+    settings = resolve_config(profile, sets, {"dataset.workers": workers}, show=False).config.dataset
+    with progress_bar("decoding") as progress:
+        report = check_tree(root, min_side=settings.min_side, max_pixels=settings.max_pixels,
+                            imbalance_ratio=settings.imbalance_ratio, workers=settings.workers,
+                            progress=progress)
+    if json_out:
+        print_json(report.to_json())
+    else:
+        console.print(counts_table(report.counts, f"{root}: {report.images} images"))
+        if report.problems:
+            console.print(_problems_table(report.problems))
+            if len(report.problems) > MAX_PROBLEM_ROWS:
+                console.print(f"... and {len(report.problems) - MAX_PROBLEM_ROWS} more (see --json)")
+        verdict = "[green]ok[/]" if report.ok else "[red]not ok[/]"
+        console.print(f"{verdict}: {len(report.errors)} error(s), {len(report.warnings)} warning(s)")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def split(
+    source: Annotated[Path, typer.Argument(help="POOL/<domain>/<label>/<file>, or with --records a split tree.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (split tree, or record files with --records).")],
+    ratios: Annotated[Optional[str], typer.Option("--ratios", help="train,val,test fractions (default: 0.8,0.1,0.1).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Shuffle seed: the same seed gives the same split.")] = 0,
+    link: Annotated[bool, typer.Option("--link", help="Hard-link instead of copying (same filesystem).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier split tree / record files in --out.")] = False,
+    records: Annotated[bool, typer.Option("--records", help="Write OUT/{train,val,test}.json conversation records from a split tree.")] = False,
+    reasoning: Annotated[Optional[Path], typer.Option("--reasoning", help="Reasoning: JSONL {image, reasoning} or the original train.json (default: ROOT/reasoning.jsonl if present).")] = None,
+    holdout: Annotated[Optional[str], typer.Option("--holdout", help="Leave-one-domain-out: test records from this domain, train/val from the others.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Split a pool into a train/val/test tree, or write conversation records from a tree.
+
+    The pool is never modified; content-identical files are kept once (never in two splits).
+    Images without reasoning get the short answer '### Answer: real|fake'.
+
+    Example: dx dataset split pool --out data --ratios 0.8,0.1,0.1 --seed 1 --link
+
+    Example: dx dataset split data --records --out records --holdout sd
+    """
+    from dxcli.errors import UsageError
+
+    if records:
+        if ratios is not None or link:
+            raise UsageError("--ratios and --link split a pool; they do not apply with --records")
+        _write_records(source, out, reasoning, holdout, force, json_out)
+        return
+    if reasoning is not None or holdout is not None:
+        raise UsageError("--reasoning and --holdout write records: add --records (SOURCE is then a split tree)")
+    from dxcli.data.split import DEFAULT_RATIOS, split_pool
+
+    with progress_bar("splitting") as progress:
+        summary = split_pool(source, out, ratios if ratios is not None else DEFAULT_RATIOS, seed,
+                             link, force, progress)
+    if json_out:
+        print_json(summary)
+        return
+    console.print(counts_table(summary["counts"], f"{out} ({summary['mode']}, seed {seed})"))
+    skipped = summary["duplicates_skipped"]
+    if skipped:
+        console.print(f"[yellow]{len(skipped)} content-identical file(s) skipped[/], e.g. "
+                      f"{skipped[0]['path']} = {skipped[0]['same_as']}")
+    console.print(f"[green]{summary['images']} images[/] -> {out}")
+
+
+def _write_records(tree: Path, out: Path, reasoning: Path | None, holdout: str | None,
+                   force: bool, json_out: bool) -> None:
+    from rich.table import Table
+
+    from dxcli.data.records import REASONING_FILE, default_reasoning, load_reasoning
+    from dxcli.data.split import write_records
+
+    if reasoning is not None:
+        annotations, source = load_reasoning(reasoning), str(reasoning)
+    else:
+        annotations = default_reasoning(tree)
+        source = str(tree / REASONING_FILE) if annotations is not None else None
+    summary = write_records(tree, out, annotations, holdout=holdout, force=force)
+    summary["reasoning"] = source
+    if json_out:
+        print_json(summary)
+        return
+    table = Table(title=f"records{f' (holdout {holdout})' if holdout else ''}", title_justify="left")
+    for column in ("split", "file", "records", "real", "fake", "with reasoning", "domains"):
+        table.add_column(column, overflow="fold")
+    for split_name, info in summary["files"].items():
+        table.add_row(split_name, info["path"], str(info["records"]), str(info["real"]),
+                      str(info["fake"]), str(info["with_reasoning"]), ",".join(info["domains"]))
+    console.print(table)
+    console.print(f"reasoning: {source or 'none (short answers only)'}")
+    if summary["reasoning_unmatched"]:
+        console.print(f"[yellow]{summary['reasoning_unmatched']} reasoning annotation(s) name no "
+                      "image of the tree[/]")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Argument(help="Folder for the demo tree (created).")],
+    seed: Annotated[int, typer.Option("--seed", help="The same seed gives byte-identical files.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty OUT (replaces the demo's domain folders).")] = False,
+) -> None:
+    """Write the built-in demo data: a small DF-R5-style tree with reasoning, offline, in seconds.
+
+    A pipeline check, not a deepfake benchmark.
+
+    Example: dx dataset demo demo-data && dx dataset check demo-data
+    """
+    from rich.table import Table
+
+    from dxcli.data.demo import make_demo
+    from dxcli.errors import UsageError
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise UsageError(f"{out} exists and is not empty; pass --force to write into it")
+    with progress_bar("rendering") as progress:
+        summary = make_demo(out, seed=seed, progress=progress, overwrite=force)
+    counts = summary.get("counts")
+    if isinstance(counts, dict):
+        console.print(counts_table(counts, f"{out}: demo images"))
+    table = Table(show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    for key, value in summary.items():
+        if key != "counts":
+            table.add_row(key, ", ".join(map(str, value)) if isinstance(value, list) else str(value))
+    console.print(table)

@@ -1,0 +1,41 @@
+"""`dx demo`: the one-command quickstart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dxcli.cli.common import SetOpt, console, err_console
+
+
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for every step's output.")] = Path("dx-demo"),
+    force: Annotated[bool, typer.Option("--force", help="Delete OUT and start over (default: resume).")] = False,
+    sets: SetOpt = None,
+) -> None:
+    """Run the whole pipeline on the built-in demo data (cpu-tiny profile, offline, minutes on a CPU).
+
+    demo data -> align -> instruct -> questions -> eval infer -> eval score -> detect.
+    The demo data is a pipeline check, not a deepfake benchmark.
+
+    Example: dx demo --out dx-demo
+    """
+    from dxcli.errors import DxError
+    from dxcli.evaluation.report import print_summary
+    from dxcli.pipeline import AUC_BAR, F1_BAR, run_demo
+
+    result = run_demo(out, sets=sets, force=force, say=err_console.print)
+    print_summary(result.score, console)
+    d = result.detection
+    console.print(f"detect {d['image']}: [bold]{d['verdict']}[/] (head P(fake) {d['head_prob']:.3f})")
+    overall = result.score["overall"]
+    line = f"F1 {overall['f1']:.3f} (bar {F1_BAR}), head ROC-AUC {overall.get('head_auc') or 0:.3f} (bar {AUC_BAR})"
+    if not result.passed:
+        raise DxError(f"demo below the bar: {line}")
+    console.print(f"[green]demo passed[/]: {line}; outputs in {result.out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)

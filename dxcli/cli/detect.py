@@ -1,0 +1,62 @@
+"""`dx detect`: verdict, head probability and reasoning for images."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from dxcli.cli.common import DEFAULT_PROFILE_NAME, ProfileOpt, SetOpt, console, err_console, resolve_config
+
+
+def detect(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
+    model: Annotated[Optional[str], typer.Option("--model", help="dx checkpoint (or run folder); default: the profile's model.path.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")] = False,
+    no_reasoning: Annotated[bool, typer.Option("--no-reasoning", help="Binary head only: no text generation (fast).")] = False,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Generation length cap.")] = None,
+    profile: ProfileOpt = DEFAULT_PROFILE_NAME,
+    sets: SetOpt = None,
+) -> None:
+    """Is this image real or fake? Prints the verdict, the head's P(fake), the reasoning and the time.
+
+    Example: dx detect photo.jpg more-images/ --model runs/instruct
+    """
+    from rich.markdown import Markdown
+
+    from dxcli.errors import DxError
+    from dxcli.evaluation.detect import detect as run_detect
+    from dxcli.evaluation.detect import expand_inputs
+    from dxcli.model import load_checkpoint
+    from dxcli.training.prepare import resolve_model_path
+
+    resolved = resolve_config(profile, sets, {"eval.max_new_tokens": max_new_tokens}, show=False)
+    checkpoint = resolve_model_path(model) or resolved.config.model.path
+    if checkpoint is None:
+        raise DxError("pass --model CHECKPOINT (a dx checkpoint or run folder)")
+    paths = expand_inputs(inputs)
+    bundle = load_checkpoint(checkpoint)
+    bundle.model.eval()
+    failed = 0
+    for found in run_detect(bundle, paths, max_new_tokens=resolved.config.eval.max_new_tokens,
+                            reasoning=not no_reasoning):
+        failed += found.error is not None
+        if as_json:
+            typer.echo(json.dumps(found.to_json()))
+            continue
+        if found.error:
+            err_console.print(f"[red]{found.path}: cannot read ({found.error})[/]")
+            continue
+        colour = {"fake": "red", "real": "green"}.get(found.verdict or "", "yellow")
+        console.rule(found.path)
+        console.print(f"verdict [bold {colour}]{found.verdict or 'no answer'}[/]   head P(fake) "
+                      f"{found.head_prob:.3f}   {found.seconds:.2f}s")
+        if found.reasoning:
+            console.print(Markdown(found.reasoning))
+    if failed:
+        raise DxError(f"{failed} of {len(paths)} image(s) could not be read")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("detect")(detect)

@@ -1,0 +1,69 @@
+"""`dx train align|instruct|prpo`: parse, prepare the run, launch workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dxcli.cli.common import DEFAULT_PROFILE_NAME, ProfileOpt, SetOpt, console, err_console, resolve_config
+
+app = typer.Typer(help="Train DX-LLaVA: align -> instruct -> prpo.", no_args_is_help=True)
+
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="Dataset tree (ROOT/<domain>/<split>/<label>/..) or a records file (JSON/JSONL).")]
+ImagesOpt = Annotated[Optional[Path], typer.Option("--images", help="Image root for a records file.")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Starting checkpoint (or a run folder); default: the profile's model.")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Run folder (config.yaml, metrics.jsonl, checkpoints, model/).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Start over in an existing --out (deletes it).")]
+SkipBadOpt = Annotated[bool, typer.Option("--skip-bad", help="Skip records whose images are missing/unreadable.")]
+NprocOpt = Annotated[Optional[int], typer.Option("--nproc-per-node", help="Processes per node (overrides the profile).")]
+NnodesOpt = Annotated[Optional[int], typer.Option("--nnodes", help="Number of nodes.")]
+NodeRankOpt = Annotated[int, typer.Option("--node-rank", help="This node's rank (multi-node).")]
+MasterOpt = Annotated[str, typer.Option("--master-addr", help="Address of node 0 (multi-node).")]
+PortOpt = Annotated[Optional[int], typer.Option("--master-port", help="Rendezvous port (default: a free one).")]
+HostfileOpt = Annotated[Optional[Path], typer.Option("--hostfile", help="DeepSpeed hostfile: launch on several nodes with the deepspeed launcher.")]
+
+
+def _sft(stage: str, data, images, model, out, profile, sets, resume, force, skip_bad, nproc, nnodes,
+         node_rank, master_addr, master_port, hostfile) -> None:
+    from dxcli.training.stages import launch_spec, run_sft_stage
+
+    resolved = resolve_config(profile, sets, {"hardware.nproc_per_node": nproc, "hardware.nnodes": nnodes})
+    spec = launch_spec(resolved.config, node_rank, master_addr, master_port, str(hostfile) if hostfile else None)
+    saved = run_sft_stage(stage, out=out, resolved=resolved, data=data, images=images, model=model, resume=resume,
+                          force=force, skip_bad=skip_bad, spec=spec, say=err_console.print)
+    console.print(f"[green]{stage} done[/]: model in {saved}, metrics in {out / 'metrics.jsonl'}")
+
+
+@app.command()
+def align(
+    out: OutOpt, data: DataOpt = None, images: ImagesOpt = None, model: ModelOpt = None,
+    profile: ProfileOpt = DEFAULT_PROFILE_NAME, sets: SetOpt = None, resume: ResumeOpt = False,
+    force: ForceOpt = False, skip_bad: SkipBadOpt = False, nproc_per_node: NprocOpt = None,
+    nnodes: NnodesOpt = None, node_rank: NodeRankOpt = 0, master_addr: MasterOpt = "127.0.0.1",
+    master_port: PortOpt = None, hostfile: HostfileOpt = None,
+) -> None:
+    """Stage 1, feature alignment: only the projector and binary head learn.
+
+    Example: dx train align --data demo-data --out runs/align --profile cpu-tiny
+    """
+    _sft("align", data, images, model, out, profile, sets, resume, force, skip_bad, nproc_per_node, nnodes,
+         node_rank, master_addr, master_port, hostfile)
+
+
+@app.command()
+def instruct(
+    out: OutOpt, data: DataOpt = None, images: ImagesOpt = None, model: ModelOpt = None,
+    profile: ProfileOpt = DEFAULT_PROFILE_NAME, sets: SetOpt = None, resume: ResumeOpt = False,
+    force: ForceOpt = False, skip_bad: SkipBadOpt = False, nproc_per_node: NprocOpt = None,
+    nnodes: NnodesOpt = None, node_rank: NodeRankOpt = 0, master_addr: MasterOpt = "127.0.0.1",
+    master_port: PortOpt = None, hostfile: HostfileOpt = None,
+) -> None:
+    """Stage 2, visual instruction tuning: projector, LLM and head learn (L = L_lm + alpha * L_bin).
+
+    Example: dx train instruct --data demo-data --model runs/align --out runs/instruct --profile cpu-tiny
+    """
+    _sft("instruct", data, images, model, out, profile, sets, resume, force, skip_bad, nproc_per_node, nnodes,
+         node_rank, master_addr, master_port, hostfile)

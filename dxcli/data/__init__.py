@@ -1,0 +1,1 @@
+"""Data: the image tree, dataset checks and splits, conversation records and question sets."""

@@ -1,0 +1,107 @@
+"""Rich tables for a score result (the output of `score.score_many`). Imports only rich.
+
+`print_summary(result, console)` is what `dx eval score` prints, and what `dx eval infer` prints
+at the end of a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from rich import box
+from rich.columns import Columns
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+OVERALL = "overall"
+# (metrics key, header): the full set for one file, a compact set per file when side by side.
+FULL_COLUMNS = [
+    ("n", "n"), ("accuracy", "acc"), ("precision", "prec"), ("recall", "rec"), ("f1", "F1"),
+    ("invalid", "inv"), ("f1_valid", "F1\nvalid"), ("head_auc", "head\nAUC"),
+    ("head_accuracy", "head\nacc"), ("agreement", "agree"),
+]
+COMPACT_COLUMNS = [("n", "n"), ("f1", "F1"), ("invalid", "inv"), ("f1_valid", "F1 val"),
+                   ("head_auc", "AUC")]
+MINIMAL_COLUMNS = [("f1", "F1"), ("invalid", "inv"), ("head_auc", "AUC")]  # 3+ files
+COUNT_KEYS = {"n", "invalid"}
+
+
+def print_summary(result: Mapping[str, Any], console: Console) -> None:
+    """Per-group rows and the overall row, then the overall confusion matrix (per file)."""
+    files = _files(result)
+    console.print(metrics_table(files))
+    for letter, name in zip(files, result.get("files", {})):  # several files: the letter legend
+        console.print(f"  [bold]{letter}[/] = {escape(name)}", highlight=False)
+    matrices = [confusion_table(res["overall"]["confusion"],
+                                title=" ".join(filter(None, ["confusion", letter, "(overall)"])))
+                for letter, res in files.items()]
+    console.print(Columns(matrices, padding=(0, 4)))
+
+
+def metrics_table(files: Mapping[str, Mapping[str, Any]]) -> Table:
+    """One row per group plus overall; one column group per file, headed by its letter.
+
+    Rates are percentages (positive class fake; a null verdict counts as wrong).
+    """
+    several = len(files) > 1
+    columns = _columns_for(len(files))
+    table = Table(title="scores in % (positive: fake; no verdict = wrong)", title_justify="left",
+                  box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    table.add_column("group", no_wrap=True)
+    for letter in files:
+        for _, header in columns:
+            table.add_column(f"{letter}\n{header}" if several else header, justify="right")
+    groups = sorted({g for res in files.values() for g in res["domains"]})
+    for group in [*groups, OVERALL]:
+        cells = []
+        for res in files.values():
+            metrics = res["overall"] if group == OVERALL else res["domains"].get(group)
+            cells += [_cell(metrics, key) for key, _ in columns]
+        style = "bold" if group == OVERALL else None
+        table.add_row(group, *cells, style=style, end_section=bool(groups) and group == groups[-1])
+    return table
+
+
+def confusion_table(confusion: list[list[int]], title: str) -> Table:
+    """2x2 counts, rows = true label, columns = predicted (real, fake)."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("true \\ pred")
+    table.add_column("real", justify="right")
+    table.add_column("fake", justify="right")
+    for name, row in zip(("real", "fake"), confusion):
+        table.add_row(name, *(str(count) for count in row))
+    return table
+
+
+def _files(result: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """`{column letter: single-file result}`: A, B, ... for several files, "" for one."""
+    if "files" not in result:
+        return {"": result}
+    return {_letter(i): res for i, res in enumerate(result["files"].values())}
+
+
+def _letter(index: int) -> str:
+    letters = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        letters = chr(ord("A") + rest) + letters
+    return letters
+
+
+def _columns_for(n_files: int) -> list[tuple[str, str]]:
+    """Fewer figures per file as files are added, so the table fits a terminal."""
+    if n_files == 1:
+        return FULL_COLUMNS
+    return COMPACT_COLUMNS if n_files == 2 else MINIMAL_COLUMNS
+
+
+def _cell(metrics: Mapping[str, Any] | None, key: str) -> str:
+    if metrics is None:
+        return ""
+    value = metrics.get(key)
+    if value is None:
+        return "-"
+    return str(value) if key in COUNT_KEYS else f"{100 * value:.1f}"

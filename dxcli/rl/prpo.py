@@ -1,0 +1,312 @@
+"""PRPO (and the GRPO baseline): one RL loop on DeepSpeed, read top to bottom.
+
+Each step: a batch of images -> G samples per image from the CURRENT weights (one batched
+generate; image features computed once and reused by all G samples and by the log-prob pass) ->
+rewards (paragraph-level for PRPO, one scalar per response for GRPO) -> advantages -> log-probs
+WITH the image -> clipped surrogate (+ k3 KL when beta > 0) -> one optimizer step.
+With one PPO epoch the old log-probs equal the current ones, detached: no extra forward pass.
+The vision tower, projector and binary head stay frozen; the LLM learns.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dxcli import config as cfgmod
+from dxcli.answer import parse_answer
+from dxcli.training import runtime
+
+STOP_AFTER_ENV = "DX_STOP_AFTER_STEP"
+
+
+@dataclass
+class PrpoJob:
+    run_dir: str
+    records: str  # prompts: records JSONL (labels optional)
+    images: str
+    model: str  # the SFT checkpoint to start from
+    resume: bool = False
+
+
+@dataclass
+class Rollout:
+    """Everything one step learns from, for B images x G samples (rows grouped by image)."""
+
+    prompt_ids: Any  # [B*G, P] left-padded
+    prompt_mask: Any
+    image_features: Any  # [B*G, N, d], detached
+    completion_ids: Any  # [B*G, T] right-padded
+    completion_mask: Any
+    advantages: Any  # [B*G, T] per token
+    stats: dict[str, float]
+
+
+# ---------------------------------------------------------------------- rewards
+
+
+def score_group(texts: list[str], token_ids: list[list[int]], tokenizer, *, algo: str, target: str | None,
+                vcr_for: Any, lexicon, a: float, b: float, eps: float) -> tuple[list[list[float]], dict[str, float]]:
+    """Per-token advantages for the G responses of one image, and the group's reward statistics.
+
+    `vcr_for(keywords) -> list[float]` scores keywords against this image (None: VCR off).
+    """
+    from dxcli.rl.objective import grpo_advantages, grpo_rewards, prpo_advantages, token_advantages
+    from dxcli.rl.paragraphs import decode_response, map_tokens
+    from dxcli.rl.rewards import paragraph_rewards, score_response
+
+    answers = [parse_answer(t) for t in texts]
+    stats: dict[str, float] = {}
+    if algo == "grpo":
+        rewards = grpo_rewards(answers, target)
+        advantages = grpo_advantages(rewards, eps=eps)
+        stats["reward"] = sum(rewards) / len(rewards)
+        token_adv = [[adv] * len(ids) for adv, ids in zip(advantages, token_ids)]
+        stats["paragraphs"] = 0.0
+        return token_adv, stats
+    mapped = [map_tokens(tokenizer, ids) for ids in token_ids]
+    # scored on the exact decoded ids, so paragraph spans line up with the token mapping
+    scores = [score_response(decode_response(tokenizer, ids), lexicon=lexicon) for ids in token_ids]
+    vcr = None
+    if vcr_for is not None:
+        flat = [kw for score in scores for kw in score.keywords]
+        values = vcr_for(flat) if flat else []
+        vcr, at = [], 0
+        for score in scores:
+            vcr.append(values[at:at + len(score.keywords)])
+            at += len(score.keywords)
+    rewards = paragraph_rewards(scores, vcr, a=a, b=b)
+    advantages = prpo_advantages(rewards, eps=eps)
+    token_adv = [token_advantages(ids_to_para, adv) for (_, ids_to_para), adv in zip(mapped, advantages)]
+    flat_r = [r for rs in rewards for r in rs]
+    stats["reward"] = sum(flat_r) / max(len(flat_r), 1)
+    stats["pcr"] = mean([p for s in scores for p in s.pcr])
+    if vcr is not None:
+        stats["vcr"] = mean([v for vs in vcr for v in vs])
+    stats["final_pcr"] = mean([s.pcr[-1] if s.pcr else 0.0 for s in scores])
+    stats["paragraphs"] = mean([len(p) for p, _ in mapped])
+    return token_adv, stats
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+# ---------------------------------------------------------------------- one step
+
+
+def rollout(bundle, images, questions, labels, *, cfg: cfgmod.PrpoConfig, clip, lexicon, seed: int) -> Rollout:
+    import torch
+
+    from dxcli.evaluation.generate import generate
+    from dxcli.rl.objective import majority_answer
+
+    model, tokenizer, G = bundle.model, bundle.tokenizer, cfg.group_size
+    model.eval()
+    gen = generate(bundle, images, questions, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                   top_p=cfg.top_p, samples_per_image=G, seed=seed)
+    image_embs = clip.image_embeddings(images) if clip is not None else None
+    token_adv, group_stats, majority_right, majority_ratio = [], [], [], []
+    for i in range(len(images)):
+        rows = slice(i * G, (i + 1) * G)
+        texts, ids = gen.texts[rows], gen.token_ids[rows]
+        majority, ratio = majority_answer([parse_answer(t) for t in texts])
+        majority_ratio.append(ratio)
+        if labels[i] is not None:
+            majority_right.append(float(majority == labels[i]))
+        target = labels[i] if cfg.labels == "gt" else majority
+        vcr_for = (lambda kws, i=i: clip.vcr(image_embs[i], kws).tolist()) if clip is not None else None
+        adv, stats = score_group(texts, ids, tokenizer, algo=cfg.algo, target=target, vcr_for=vcr_for,
+                                 lexicon=lexicon, a=cfg.vcr_weight, b=cfg.pcr_weight, eps=cfg.adv_eps)
+        token_adv += adv
+        group_stats.append(stats)
+    width = max(1, max(len(ids) for ids in gen.token_ids))
+    n = len(gen.token_ids)
+    completion = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
+    completion_mask = torch.zeros((n, width), dtype=torch.long)
+    advantages = torch.zeros((n, width))
+    for row, (ids, adv) in enumerate(zip(gen.token_ids, token_adv)):
+        completion[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        completion_mask[row, :len(ids)] = 1
+        advantages[row, :len(ids)] = torch.tensor(adv[:len(ids)])
+    answers = [parse_answer(t) for t in gen.texts]
+    stats = {key: mean([s[key] for s in group_stats if key in s]) for key in group_stats[0]}
+    stats.update(
+        response_tokens=mean([len(ids) for ids in gen.token_ids]),
+        invalid_rate=mean([float(a is None) for a in answers]),
+        majority_ratio=mean(majority_ratio),
+    )
+    if majority_right:
+        stats["pseudo_label_accuracy"] = mean(majority_right)
+        truth = [lab for lab in labels for _ in range(G)]
+        known = [(a, t) for a, t in zip(answers, truth) if t is not None]
+        stats["answer_accuracy"] = mean([float(a == t) for a, t in known])
+    expand = lambda x: x.repeat_interleave(G, dim=0)  # noqa: E731
+    return Rollout(expand(gen.prompt_ids), expand(gen.prompt_mask), expand(gen.image_features).detach(),
+                   completion, completion_mask, advantages, stats)
+
+
+def completion_logprobs(model, roll: Rollout, rows: slice, device) -> tuple[Any, Any]:
+    """Per-token log-probs of the completions (with the image) and the token entropy, for `rows`."""
+    import torch
+
+    prompt_ids, prompt_mask = roll.prompt_ids[rows].to(device), roll.prompt_mask[rows].to(device)
+    comp_ids, comp_mask = roll.completion_ids[rows].to(device), roll.completion_mask[rows].to(device)
+    embeds = model.prompt_embeds(torch.cat([prompt_ids, comp_ids], 1), torch.cat([prompt_mask, comp_mask], 1),
+                                 image_features=roll.image_features[rows].to(device))
+    mask = torch.cat([prompt_mask, comp_mask], 1)
+    logits = model(inputs_embeds=embeds, attention_mask=mask).logits
+    width = comp_ids.shape[1]
+    logits = logits[:, -width - 1:-1].float()  # position t predicts token t+1
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, comp_ids.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+# ---------------------------------------------------------------------- the loop
+
+
+def run(job: PrpoJob) -> Path:
+    import deepspeed
+    import torch
+    from transformers import get_cosine_schedule_with_warmup
+
+    from dxcli.data.records import load_records
+    from dxcli.model import load_checkpoint
+    from dxcli.rl.objective import policy_loss
+    from dxcli.rl.rewards import ClipScorer, load_lexicon
+    from dxcli.training.sft_data import ResumableShardSampler, load_rgb
+
+    # ------------------------------------------------------------------ setup
+    run_dir = Path(job.run_dir)
+    cfg = cfgmod.load(run_dir / "config.yaml")
+    p, hw = cfg.prpo, cfg.hardware
+    dist = runtime.init_distributed()
+    runtime.seed_everything(cfg.train.seed + dist.rank)  # ranks must sample different rollouts
+    dtype = runtime.torch_dtype(hw.precision)
+    bundle = load_checkpoint(job.model)
+    model = bundle.model
+    model.freeze(vision=False, llm=True, projector=False, head=False)
+    if cfg.train.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    reference = None
+    if p.beta > 0:  # only then is a reference model needed
+        reference = load_checkpoint(job.model, dtype=dtype).model.to(runtime.device()).eval()
+        reference.requires_grad_(False)
+    clip = ClipScorer.load(p.clip, runtime.device()) if (p.algo == "prpo" and p.clip) else None
+    lexicon = load_lexicon()
+    records = load_records(Path(job.records))
+    G = p.group_size
+    sequences = p.images_per_step * G
+    chunks = max(1, math.ceil(sequences / hw.micro_batch))  # policy update in micro-batches of sequences
+    sampler = ResumableShardSampler(len(records), dist.rank, dist.world, cfg.train.seed)
+    per_epoch = max(1, len(sampler.shard(0)) // p.images_per_step)
+    epochs = p.epochs if p.epochs is not None else cfg.train.epochs
+    total_steps = max(1, math.ceil(epochs * per_epoch))
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    ds_config = runtime.deepspeed_config(cfg, lr=p.lr)
+    ds_config.update(train_micro_batch_size_per_gpu=math.ceil(sequences / chunks), gradient_accumulation_steps=chunks,
+                     train_batch_size=math.ceil(sequences / chunks) * chunks * dist.world)
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    warmup = int(cfg.train.warmup_ratio * total_steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=trainable, config=ds_config,
+        lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, warmup, total_steps))
+    bundle.model = engine.module
+    log = runtime.MetricsLog(run_dir / "metrics.jsonl", dist.main)
+    ckpt_dir = run_dir / "checkpoints"
+    if dist.main:
+        print(f"[prpo] algo={p.algo} labels={p.labels} G={G} images/step/rank={p.images_per_step} "
+              f"VCR={'on' if clip else 'off'} beta={p.beta}; {len(records)} prompts; {total_steps} steps", flush=True)
+
+    # ------------------------------------------------------------------ resume
+    step, epoch, position = 0, 0, 0
+    client = runtime.load_training_state(engine, ckpt_dir) if job.resume else None
+    if client:
+        step, epoch, position = client["step"], client["epoch"], client["position"]
+
+    # ------------------------------------------------------------------ train
+    progress = runtime.ProgressView(total_steps, f"{p.algo}", dist.main, start=step)
+    stop_after = int(os.environ.get(STOP_AFTER_ENV, 0))
+    images_root = Path(job.images)
+    while step < total_steps:
+        sampler.set_position(epoch, 0)
+        order = sampler.shard(epoch)
+        if position + p.images_per_step > len(order):
+            epoch, position = epoch + 1, 0
+            continue
+        started = time.time()
+        batch = [records[i] for i in order[position:position + p.images_per_step]]
+        position += p.images_per_step
+        images = [load_rgb(images_root / r.image) for r in batch]
+        labels = [("fake" if r.binary_label else "real") if r.binary_label is not None else None for r in batch]
+        roll = rollout(bundle, images, [r.question for r in batch], labels, cfg=p, clip=clip, lexicon=lexicon,
+                       seed=cfg.train.seed * 100_003 + step * dist.world + dist.rank)
+        engine.train()
+        total_tokens = roll.completion_mask.sum().clamp(min=1)
+        per_chunk = math.ceil(sequences / chunks)
+        sums = {"kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "loss": 0.0}
+        for c in range(chunks):
+            rows = slice(c * per_chunk, (c + 1) * per_chunk)
+            logp, entropy = completion_logprobs(engine, roll, rows, engine.device)
+            mask = roll.completion_mask[rows].to(engine.device).float()
+            ref_logp = None
+            if reference is not None:
+                with torch.no_grad():
+                    ref_logp, _ = completion_logprobs(reference, roll, rows, engine.device)
+            loss, info = policy_loss(logp, logp.detach(), roll.advantages[rows].to(engine.device), mask,
+                                     eps_low=p.eps_low, eps_high=p.eps_high, beta=p.beta, ref_logp=ref_logp,
+                                     agg=p.loss_agg)
+            # each chunk's mean is reweighted so the step optimises the mean over the whole batch;
+            # DeepSpeed divides by the accumulation steps, which `chunks` undoes.
+            weight = (mask.sum() / total_tokens).item() if p.loss_agg == "token_mean" else (
+                mask.shape[0] / sequences)
+            engine.backward(loss * weight * chunks)
+            engine.step()
+            share = mask.sum().item() / total_tokens.item()
+            sums["loss"] += loss.item() * weight
+            sums["kl"] += float(info.get("kl", 0.0)) * share
+            sums["clip_fraction"] += float(info.get("clip_fraction", 0.0)) * share
+            sums["entropy"] += ((entropy * mask).sum() / total_tokens.to(engine.device)).item()
+        step += 1
+        row = {"step": step, "epoch": epoch + position / max(len(order), 1), **roll.stats, **sums,
+               "lr": scheduler.get_last_lr()[0], "seconds": time.time() - started}
+        row = reduce_across_ranks(row, dist.world)
+        if step % cfg.train.log_every == 0 or step == total_steps:
+            log.write(row)
+        progress.update(step, {k: row[k] for k in ("reward", "invalid_rate", "response_tokens", "kl") if k in row})
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == stop_after:
+            runtime.save_training_state(engine, ckpt_dir, step, {"epoch": epoch, "position": position},
+                                        cfg.train.keep_checkpoints)
+        if step == stop_after:
+            progress.close()
+            raise SystemExit(f"[prpo] stopped after step {step} ({STOP_AFTER_ENV})")
+    progress.close()
+    runtime.save_training_state(engine, ckpt_dir, step, {"epoch": epoch, "position": position},
+                                cfg.train.keep_checkpoints)
+
+    # ------------------------------------------------------------------ save
+    out_dir = run_dir / "model"
+    runtime.save_final_model(engine, bundle, out_dir, hw.zero_stage)
+    if dist.main:
+        print(f"[prpo] saved {out_dir}", flush=True)
+    return out_dir
+
+
+def reduce_across_ranks(row: dict[str, Any], world: int) -> dict[str, Any]:
+    """Mean of every float metric over ranks (each rank saw its own images)."""
+    if world == 1:
+        return row
+    import torch
+
+    keys = sorted(k for k, v in row.items() if isinstance(v, float))
+    values = torch.tensor([row[k] for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(values)
+    return {**row, **{k: v / world for k, v in zip(keys, values.tolist())}}

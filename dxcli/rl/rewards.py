@@ -1,0 +1,378 @@
+"""PRPO paragraph rewards (SPEC section 4): keywords, evidence labels, PCR, VCR with a frozen CLIP.
+
+Reward of paragraph j of a response: `R_j = a * VCR_j + b * PCR_j` (a = b = 0.5).
+- A response without a parsable answer gets R = 0 on every paragraph.
+- When VCR is off (no CLIP, or no image) the VCR term is dropped: `R_j = b * PCR_j`. The weights
+  are not renormalised; advantages divide by the standard deviation anyway, so only the relative
+  rewards within one image's group matter.
+- Paragraphs other than the final one (the one holding the answer) get PCR = 1, including any
+  after the answer; only paragraphs before the final one vote for the majority label.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from bisect import bisect_right
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from dxcli.answer import LABELS, parse_answer
+from dxcli.errors import DxError
+from dxcli.rl.paragraphs import Paragraph, split_paragraphs
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+DEFAULT_LEXICON = "lexicon.yaml"  # in this package
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)*")
+_CLAUSE_BREAK = re.compile(r"[,;.:!?\n]")
+_TERM_SPLIT = re.compile(r"[\s-]+")
+_LEXICON_KEYS = ("negation_window", "negators", "fake", "real")
+
+
+# ------------------------------------------------------------------ keywords
+
+
+@lru_cache(maxsize=1)
+def _yake() -> Any:
+    import yake
+
+    return yake.KeywordExtractor(lan="en", n=3, top=1)
+
+
+def keyword(paragraph: Paragraph, answer: str | None) -> str:
+    """The phrase CLIP compares with the image: the answer word for the final paragraph, else
+    YAKE's top phrase (n <= 3), else the first three words. Lowercased."""
+    if paragraph.is_final and answer:
+        return answer
+    found = _yake().extract_keywords(paragraph.text) if paragraph.text.strip() else []
+    if found:
+        phrase = next(item for item in found[0] if isinstance(item, str))
+        return phrase.lower()
+    return " ".join(_WORD.findall(paragraph.text.lower())[:3])
+
+
+# ------------------------------------------------------------------ lexicon
+
+
+def _term_words(term: str) -> tuple[str, ...]:
+    return tuple(w for w in _TERM_SPLIT.split(_normalise(term)) if w)
+
+
+def _normalise(text: str) -> str:
+    """Lowercase and straighten apostrophes, keeping every character's position."""
+    return text.lower().replace("\u2019", "'").replace("\u2018", "'")
+
+
+@dataclass
+class Lexicon:
+    """Real / fake evidence terms and negators (see lexicon.yaml for the matching rules)."""
+
+    real: list[str]
+    fake: list[str]
+    negators: list[str]
+    negation_window: int = 3
+    source: str = "<memory>"
+    _pattern: re.Pattern = field(init=False, repr=False)
+    _classes: list[str] = field(init=False, repr=False)
+    _single_negators: frozenset = field(init=False, repr=False)
+    _multi_negators: list = field(init=False, repr=False)
+    _suffix_negators: tuple = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        terms: dict[tuple[str, ...], str] = {}
+        for cls in LABELS:
+            for term in getattr(self, cls):
+                words = _term_words(term)
+                if not words:
+                    raise DxError(f"{self.source}: empty term under '{cls}'")
+                if terms.get(words, cls) != cls:
+                    raise DxError(f"{self.source}: '{term}' is listed as both real and fake")
+                terms[words] = cls
+        # longest first: at one position the longest term wins and is counted once
+        ordered = sorted(terms, key=lambda words: len(" ".join(words)), reverse=True)
+        alternatives = [
+            "(" + r"[\s-]+".join(map(re.escape, words)) + r"(?:e?s)?)" for words in ordered
+        ]
+        self._pattern = re.compile(r"\b(?:" + "|".join(alternatives) + r")\b")
+        self._classes = [terms[words] for words in ordered]
+        negators = [_term_words(n) for n in self.negators]
+        self._suffix_negators = tuple(w[0] for w in negators if len(w) == 1 and w[0].startswith("n'"))
+        self._single_negators = frozenset(w[0] for w in negators if len(w) == 1) - set(self._suffix_negators)
+        self._multi_negators = sorted((w for w in negators if len(w) > 1), key=len, reverse=True)
+
+    def evidence(self, text: str) -> list[tuple[str, str, bool]]:
+        """(matched text, class after negation, negated) for every term found, in order."""
+        lower = _normalise(text)
+        breaks = [m.start() for m in _CLAUSE_BREAK.finditer(lower)]
+        found = []
+        for match in self._pattern.finditer(lower):
+            cls = self._classes[match.lastindex - 1]
+            negated = self._negated(lower, match.start(), breaks)
+            if negated:
+                cls = "real" if cls == "fake" else "fake"
+            found.append((match.group(0), cls, negated))
+        return found
+
+    def _negated(self, lower: str, start: int, breaks: list[int]) -> bool:
+        before = bisect_right(breaks, start - 1)
+        clause_start = breaks[before - 1] + 1 if before else 0
+        words = _WORD.findall(lower[clause_start:start])
+        window = self._merge_negators(words)[-self.negation_window:]
+        return any(self._is_negator(word) for word in window)
+
+    def _merge_negators(self, words: list[str]) -> list[str]:
+        """Join multi-word negators ("lack of") so each counts as one word of the window."""
+        merged, i = [], 0
+        while i < len(words):
+            for negator in self._multi_negators:
+                if tuple(words[i : i + len(negator)]) == negator:
+                    merged.append(" ".join(negator))
+                    i += len(negator)
+                    break
+            else:
+                merged.append(words[i])
+                i += 1
+        return merged
+
+    def _is_negator(self, word: str) -> bool:
+        if word in self._single_negators or " " in word:
+            return True
+        return any(word.endswith(suffix) for suffix in self._suffix_negators)
+
+
+def load_lexicon(path: Path | None = None) -> Lexicon:
+    """The lexicon file at `path` (default: the one shipped in dxcli/rl/lexicon.yaml)."""
+    if path is None:
+        text = resources.files("dxcli.rl").joinpath(DEFAULT_LEXICON).read_text(encoding="utf-8")
+        source = DEFAULT_LEXICON
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise DxError(f"{path}: no such lexicon file")
+        text, source = path.read_text(encoding="utf-8"), str(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise DxError(f"{source}: malformed YAML ({exc})") from None
+    return lexicon_from_dict(data, source)
+
+
+def lexicon_from_dict(data: Any, source: str = "<memory>") -> Lexicon:
+    if not isinstance(data, dict):
+        raise DxError(f"{source}: expected a mapping with keys {', '.join(_LEXICON_KEYS)}")
+    for key in data:
+        if key not in _LEXICON_KEYS:
+            close = difflib.get_close_matches(str(key), _LEXICON_KEYS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise DxError(f"{source}: unknown key '{key}'{hint}")
+    lists = {}
+    for key in ("negators", "fake", "real"):
+        value = data.get(key)
+        if not isinstance(value, list) or not value:
+            raise DxError(f"{source}: '{key}' must be a non-empty list of terms")
+        for item in value:
+            if not isinstance(item, str) or not item.strip():
+                raise DxError(f"{source}: '{key}' holds {item!r}; terms must be non-empty strings")
+        lists[key] = [str(item) for item in value]
+    window = data.get("negation_window", 3)
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise DxError(f"{source}: 'negation_window' must be a positive integer, got {window!r}")
+    return Lexicon(real=lists["real"], fake=lists["fake"], negators=lists["negators"],
+                   negation_window=window, source=source)
+
+
+@lru_cache(maxsize=1)
+def default_lexicon() -> Lexicon:
+    return load_lexicon(None)
+
+
+# ------------------------------------------------------------------ PCR
+
+
+def paragraph_label(text: str, lexicon: Lexicon | None = None) -> str | None:
+    """'real' or 'fake' when that class has more evidence in `text`; None for none or a tie."""
+    counts = Counter(cls for _, cls, _ in (lexicon or default_lexicon()).evidence(text))
+    if counts["real"] == counts["fake"]:
+        return None
+    return "real" if counts["real"] > counts["fake"] else "fake"
+
+
+def majority_label(labels: list[str | None]) -> str | None:
+    """The most frequent non-None label; a tie or no votes gives None."""
+    counts = Counter(label for label in labels if label is not None).most_common()
+    if not counts or (len(counts) > 1 and counts[0][1] == counts[1][1]):
+        return None
+    return counts[0][0]
+
+
+def pcr(paragraph_labels: list[str | None], answer: str | None,
+        final_index: int | None = None) -> list[float]:
+    """Prediction Consistency Reward per paragraph.
+
+    Non-final paragraphs: 1. The final paragraph (default: the last): 1 when `answer` equals the
+    majority label of the paragraphs before it, else 0 (tie or no votes: 0). No answer: all 0.
+    """
+    if answer is None:
+        return [0.0] * len(paragraph_labels)
+    final = len(paragraph_labels) - 1 if final_index is None else final_index
+    agrees = majority_label(paragraph_labels[:final]) == answer
+    return [float(agrees) if j == final else 1.0 for j in range(len(paragraph_labels))]
+
+
+@dataclass
+class ResponseScore:
+    paragraphs: list[Paragraph]
+    keywords: list[str]
+    labels: list[str | None]
+    pcr: list[float]
+    answer: str | None
+
+    @property
+    def final_index(self) -> int:
+        return next(i for i, p in enumerate(self.paragraphs) if p.is_final)
+
+
+def score_response(response: str, *, lexicon: Lexicon | None = None,
+                   answer_override: str | None = None) -> ResponseScore:
+    """Everything about one response the rewards need except VCR (which needs the image).
+
+    `answer_override` replaces the parsed answer (when the caller parsed it already).
+    """
+    paragraphs = split_paragraphs(response)
+    answer = answer_override if answer_override is not None else parse_answer(response)
+    labels = [paragraph_label(p.text, lexicon) for p in paragraphs]
+    final = next(i for i, p in enumerate(paragraphs) if p.is_final)
+    return ResponseScore(
+        paragraphs=paragraphs,
+        keywords=[keyword(p, answer) for p in paragraphs],
+        labels=labels,
+        pcr=pcr(labels, answer, final),
+        answer=answer,
+    )
+
+
+def paragraph_rewards(scores: list[ResponseScore], vcr_values: list[list[float] | None] | None,
+                      a: float = 0.5, b: float = 0.5) -> list[list[float]]:
+    """R = a * VCR + b * PCR per paragraph; VCR dropped where `vcr_values` (or its entry for a
+    response) is None; 0 on every paragraph of a response without an answer."""
+    rewards = []
+    for index, score in enumerate(scores):
+        vcr = None if vcr_values is None else vcr_values[index]
+        if score.answer is None:
+            rewards.append([0.0] * len(score.paragraphs))
+        elif vcr is None:
+            rewards.append([b * p for p in score.pcr])
+        else:
+            if len(vcr) != len(score.pcr):
+                raise ValueError(f"response {index}: {len(vcr)} VCR values for {len(score.pcr)} paragraphs")
+            rewards.append([a * float(v) + b * p for v, p in zip(vcr, score.pcr)])
+    return rewards
+
+
+# ------------------------------------------------------------------ VCR
+
+
+class ClipScorer:
+    """A frozen CLIP (`CLIPModel`) scoring keyword phrases against images."""
+
+    def __init__(self, model: Any, tokenizer: Any, image_processor: Any, device: Any = "cpu") -> None:
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.device = device
+        self.max_text_length = int(model.config.text_config.max_position_embeddings)
+
+    @classmethod
+    def load(cls, name_or_path: str | Path, device: Any = "cpu") -> ClipScorer:
+        """From a local folder (model + tokenizer + image processor saved together) or a hub id."""
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+        source = str(name_or_path)
+        if source.startswith((".", "/", "~")):  # a local folder, never a hub id
+            source = str(Path(source).expanduser())
+            if not Path(source).is_dir():
+                raise DxError(f"no such CLIP model folder: {source}")
+        try:
+            model = CLIPModel.from_pretrained(source)
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            image_processor = AutoImageProcessor.from_pretrained(source)
+        except (OSError, ValueError, KeyError) as exc:
+            raise DxError(f"cannot load a CLIP model from '{source}': {str(exc).splitlines()[0]}") from None
+        return cls(model, tokenizer, image_processor, device)
+
+    def image_embeddings(self, images: list[Image.Image]) -> torch.Tensor:
+        """[N, D] unit-norm embeddings; compute once per image and reuse for every keyword."""
+        import torch
+
+        pixels = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        with torch.no_grad():
+            out = self.model.get_image_features(pixel_values=pixels["pixel_values"].to(self.device))
+        return _unit(out)
+
+    def text_embeddings(self, texts: list[str]) -> torch.Tensor:
+        """[K, D] unit-norm embeddings from one batched text forward."""
+        import torch
+
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_length,
+                               return_tensors="pt")
+        with torch.no_grad():
+            out = self.model.get_text_features(input_ids=batch["input_ids"].to(self.device),
+                                               attention_mask=batch["attention_mask"].to(self.device))
+        return _unit(out)
+
+    def vcr(self, image_emb: torch.Tensor, keywords: list[str]) -> torch.Tensor:
+        """(cos + 1) / 2 per keyword, in [0, 1], all keywords in one text pass.
+
+        `image_emb` is one embedding [D] (or [1, D]) shared by all keywords, or [K, D]: the
+        image of each keyword (index the per-image embeddings to batch a whole step).
+        """
+        import torch
+
+        if not keywords:
+            return torch.empty(0, device=image_emb.device)
+        text = self.text_embeddings(keywords)
+        image = image_emb.to(text).reshape(-1, text.shape[-1])
+        if image.shape[0] not in (1, text.shape[0]):
+            raise ValueError(f"{image.shape[0]} image embeddings for {text.shape[0]} keywords")
+        return ((image * text).sum(-1).clamp(-1.0, 1.0) + 1.0) / 2.0
+
+    def group_vcr(self, image_embs: torch.Tensor,
+                  groups: list[list[ResponseScore]]) -> list[list[list[float]]]:
+        """VCR of every paragraph of every response of every image, in ONE text pass.
+
+        `image_embs[n]` is image n's embedding and `groups[n]` its scored responses; the result
+        is indexed [image][response][paragraph].
+        """
+        keywords, owners = [], []
+        for n, group in enumerate(groups):
+            for score in group:
+                keywords += score.keywords
+                owners += [n] * len(score.keywords)
+        if not keywords:
+            return [[[] for _ in group] for group in groups]
+        values = self.vcr(image_embs[owners], keywords).tolist()
+        result, cursor = [], 0
+        for group in groups:
+            per_image = []
+            for score in group:
+                per_image.append(values[cursor : cursor + len(score.keywords)])
+                cursor += len(score.keywords)
+            result.append(per_image)
+        return result
+
+
+def _unit(features: Any) -> torch.Tensor:
+    """Normalise CLIP features (transformers 5 returns an output object with `pooler_output`)."""
+    import torch
+
+    tensor = features if isinstance(features, torch.Tensor) else features.pooler_output
+    return torch.nn.functional.normalize(tensor.float(), dim=-1)

@@ -1,0 +1,135 @@
+"""Parent-side preparation of a run: the run folder, its config, the records, the starting model.
+
+Done once, before any worker starts, so problems (bad images, an existing run) stop the command early.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from dxcli import config as cfgmod
+from dxcli.errors import DxError, UsageError
+from dxcli.jsonio import write_jsonl_atomic
+
+
+def open_run_dir(run_dir: Path, resolved: cfgmod.Resolved, *, resume: bool, force: bool) -> cfgmod.DxConfig:
+    """Create (or, with resume, reopen) RUN_DIR and write its resolved config.yaml.
+
+    An existing run is never overwritten silently: it needs --resume (continue) or --force (start over).
+    On --resume the run's own config is used; --set / flags given again are applied on top.
+    """
+    run_dir = Path(run_dir)
+    saved = run_dir / "config.yaml"
+    if resume:
+        if not saved.is_file():
+            raise DxError(f"--resume: {run_dir} holds no run (no config.yaml)")
+        config = cfgmod.load(saved)
+        overrides = {k: s for k, s in resolved.sources.items() if s in ("--set", "flag")}
+        for key in overrides:
+            _set_dotted(config, key, _get_dotted(resolved.config, key))
+        cfgmod.save(config, saved)
+        return config
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not force:
+            raise DxError(f"{run_dir} already exists and is not empty; pass --resume to continue that run "
+                          f"or --force to start it over")
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfgmod.save(resolved.config, saved)
+    return resolved.config
+
+
+def _get_dotted(obj, key: str):
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_dotted(obj, key: str, value) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
+
+
+@dataclass
+class PreparedData:
+    records_file: Path
+    images_root: Path
+    n_records: int
+    skipped: list[tuple[str, str]]
+
+
+def prepare_records(data: Path | None, images: Path | None, run_dir: Path, *, split: str = "train",
+                    skip_bad: bool = False, name: str = "train-records.jsonl",
+                    require_labels: bool = False) -> PreparedData:
+    """Records from a SPEC tree (built, with ROOT/reasoning.jsonl when present) or a records file.
+
+    Images that are missing or unreadable stop the run (listed), or are skipped with --skip-bad.
+    """
+    from dxcli.data.records import default_reasoning, load_records, records_from_tree
+    from dxcli.training.sft_data import find_bad_images
+
+    if data is None:
+        raise UsageError("--data is required: a dataset tree (ROOT/<domain>/<split>/<label>/...) or a records "
+                         "file with --images ROOT (try `dx dataset demo demo-data` for the built-in demo data)")
+    data = Path(data)
+    if not data.exists():
+        raise DxError(f"--data {data}: no such file or folder")
+    if data.is_dir():
+        images_root = data
+        records = records_from_tree(data, splits=(split,), reasoning=default_reasoning(data))
+    else:
+        if images is None:
+            raise UsageError(f"--data {data} is a records file: pass --images ROOT (the folder its paths are relative to)")
+        images_root = Path(images)
+        if not images_root.is_dir():
+            raise DxError(f"--images {images_root}: no such folder")
+        records = load_records(data, images_root)
+    if not records:
+        raise DxError(f"no {split} records found in {data}")
+    if require_labels and any(r.binary_label is None for r in records):
+        raise DxError("some records have no label (binary_label or an answer marker)")
+    bad = find_bad_images(records, images_root)
+    if bad and not skip_bad:
+        listing = "; ".join(f"{path} ({why})" for path, why in bad[:10])
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise DxError(f"{len(bad)} record(s) have missing or unreadable images: {listing}{more}. "
+                      f"Fix them or pass --skip-bad to train without them")
+    bad_set = {path for path, _ in bad}
+    records = [r for r in records if r.image not in bad_set]
+    out = Path(run_dir) / name
+    write_jsonl_atomic(out, (r.to_json() for r in records))
+    return PreparedData(out, images_root, len(records), bad)
+
+
+def resolve_model_path(model: str | None) -> str | None:
+    """A checkpoint folder, or a run folder whose `model/` is one."""
+    if model is None:
+        return None
+    path = Path(model)
+    if (path / "model" / "config.json").is_file():
+        return str(path / "model")
+    if path.exists() and not (path / "config.json").is_file():
+        raise DxError(f"--model {model}: not a dx checkpoint (no config.json) nor a run folder with model/")
+    return model
+
+
+def starting_model(model: str | None, config: cfgmod.DxConfig, run_dir: Path, texts: Callable[[], list[str]]) -> str | None:
+    """The checkpoint workers start from. The tiny preset is built here once (its tokenizer is trained
+    on the records' text), so every rank starts from identical weights and vocabulary."""
+    model = resolve_model_path(model) or config.model.path
+    if model is not None:
+        return model
+    if config.model.preset != "tiny":
+        return None  # composed inside the workers from config.model
+    from dxcli.model import build_model, save_checkpoint
+
+    base = Path(run_dir) / "base-model"
+    if not (base / "config.json").is_file():
+        save_checkpoint(build_model(config.model, texts()), base)
+    return str(base)
