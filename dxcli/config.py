@@ -110,6 +110,7 @@ class PrpoConfig:
     pcr_weight: float = 0.5
     loss_agg: str = "token_mean"  # token_mean | seq_mean
     clip: str | None = None  # CLIPModel folder or hub id for VCR; None -> VCR off
+    lexicon: str | None = None  # PCR evidence lexicon YAML; None -> dxcli/rl/lexicon.yaml
     adv_eps: float = 1e-4
 
 

@@ -134,7 +134,8 @@ def test_process_pool_gives_the_same_report(tmp_path: Path):
     pooled = check_tree(root, workers=2, progress=lambda done, total: seen.append((done, total)))
     inline = check_tree(root, workers=1)
     assert pooled.to_json() == inline.to_json()
-    assert seen[-1] == (144, 144) and len(seen) > 2
+    assert seen[0] == (0, 144) and seen[-1] == (144, 144)
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
     assert "a/val/real/real_0.png" in kinds(pooled)
 
 

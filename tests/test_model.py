@@ -66,6 +66,17 @@ def test_tiny_is_deterministic_and_offline():
         build_model(tiny_cfg())
 
 
+def test_generation_never_emits_image_token():
+    bundle = build_tiny(tiny_cfg(), TEXTS)
+    model, image_id = bundle.model.eval(), bundle.model.config.image_token_id
+    with torch.no_grad():
+        model.lm_head.weight[image_id] += 5.0  # make `<image>` the favourite next token
+        enc = bundle.processor(images=images(1), text=[template.prompt("x")], return_tensors="pt")
+        new = model.generate(**enc, max_new_tokens=4, do_sample=False)[:, enc.input_ids.shape[1]:]
+        assert model(**enc).logits[0, -1].argmax() == image_id
+    assert not (new == image_id).any()
+
+
 def test_tokenizer_is_llama_like(bundle):
     tok = bundle.tokenizer
     ids = tok(template.prompt("hi") + " real</s>").input_ids
@@ -99,6 +110,8 @@ def test_forward_losses_and_head(bundle):
     features = model.image_features(enc.pixel_values)
     assert features.shape == (2, image_token_count(bundle.processor), model.config.text_config.hidden_size)
     assert torch.allclose(model.head_logits_from_features(features), out.head_logits)
+    pooled = model.binary_head(features.mean(dim=1)).squeeze(-1)  # SPEC: mean of projected tokens
+    assert torch.allclose(pooled, out.head_logits)
     assert model(input_ids=enc.input_ids, pixel_values=enc.pixel_values).bin_loss is None
 
 
@@ -158,12 +171,29 @@ def test_checkpoint_round_trip(bundle, tmp_path):
                                                             padding=True, return_tensors="pt").pixel_values)
 
 
-def test_load_checkpoint_errors(tmp_path):
+def test_bf16_round_trip_keeps_rope_in_fp32(tmp_path):
+    bundle = build_tiny(tiny_cfg(), TEXTS, dtype=torch.bfloat16)
+    assert {p.dtype for p in bundle.model.parameters()} == {torch.bfloat16}
+    assert bundle.model.model.language_model.rotary_emb.inv_freq.dtype == torch.float32
+    save_checkpoint(bundle, tmp_path)
+    loaded = load_checkpoint(tmp_path)
+    enc = batch(bundle, "right")
+    with torch.no_grad():
+        assert torch.equal(bundle.model.eval()(**enc).logits, loaded.model.eval()(**enc).logits)
+
+
+def test_load_checkpoint_errors(bundle, tmp_path):
     with pytest.raises(DxError, match="not found"):
         load_checkpoint(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DxError, match="not a dx checkpoint"):
         load_checkpoint(tmp_path / "empty")
+    save_checkpoint(bundle, tmp_path / "cut")
+    tensors = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    del tensors["binary_head.0.weight"]
+    save_file(tensors, str(tmp_path / "cut" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(DxError, match="binary_head.0.weight"):
+        load_checkpoint(tmp_path / "cut")
 
 
 # ---------------------------------------------------------------- composition from local parts
@@ -256,3 +286,5 @@ def test_bad_vision_weights_fail_loudly(parts, tmp_path):
         compose(compose_cfg(parts, vision_weights=str(tmp_path / "v.safetensors")))
     with pytest.raises(DxError, match="neither a local file"):
         compose(compose_cfg(parts, vision_weights=str(tmp_path / "absent.safetensors")))
+    with pytest.raises(DxError, match="neither a local file"):
+        compose(compose_cfg(parts, vision_weights="weights/absent.pth"))

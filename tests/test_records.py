@@ -76,7 +76,8 @@ def test_malformed_lines_name_file_and_line(tmp_path: Path):
     path.write_text(f"{good}\n{good}\n{{not json\n")
     with pytest.raises(DxError, match=r"broken\.jsonl:3"):
         load_records(path)
-    path.write_text(f"{good}\n" + json.dumps({"image": "b.png", "conversations": [{"from": "human", "value": "q"}]}) + "\n")
+    no_answer = {"image": "b.png", "conversations": [{"from": "human", "value": "q"}]}
+    path.write_text(f"{good}\n{json.dumps(no_answer)}\n")
     with pytest.raises(DxError, match=r"broken\.jsonl:2 .*gpt"):
         load_records(path)
     path.write_text(json.dumps({"image": "b.png", "conversations": turn("q", "a"), "binary_label": 3}))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from dxcli.rl import paragraphs as paragraphs_module
 from dxcli.rl.paragraphs import (
     Paragraph,
     decode_response,
@@ -27,7 +29,8 @@ CORPUS = [
 
 RESPONSES = [
     "**Skin Texture**: overly smooth.\n\n**Lighting**: inconsistent.\n\n### Answer: fake",
-    "\n\n  Leading blank lines.\n\n\n\nMany blank lines between.\n \t\n\nSpaces inside the gap.\n\n### Answer: real\n\n",
+    "\n\n  Leading blank lines.\n\n\n\nMany blank lines between.\n \t\n\nSpaces inside the gap."
+    "\n\n### Answer: real\n\n",
     "Emoji 😀 and café 日本 text.\n\n😀 starts this paragraph.\n\n### Answer: fake",
     "One paragraph only, no answer",
     "### Answer: real\n\nA trailing paragraph after the answer.",
@@ -51,10 +54,12 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
 def llama_style_tokenizer() -> PreTrainedTokenizerFast:
     """A Llama/SentencePiece style BPE (metaspace, byte fallback, strip decoder) trained here."""
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                           normalizers.Replace(" ", "\u2581")])
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
                                      decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(CORPUS, trainer)
     data = json.loads(tok.to_str())
     vocab = data["model"]["vocab"]
     for byte in range(256):  # byte tokens are ordinary vocabulary in Llama, not special tokens
@@ -151,7 +156,8 @@ def _assert_exact_cover(tokenizer: PreTrainedTokenizerFast, response: str, *, ex
 
 @pytest.mark.parametrize("response", RESPONSES)
 def test_byte_level_tokens_cover_paragraphs_exactly(byte_level_tokenizer, response: str) -> None:
-    assert byte_level_tokenizer.decode(byte_level_tokenizer(response, add_special_tokens=False)["input_ids"]) == response
+    ids = byte_level_tokenizer(response, add_special_tokens=False)["input_ids"]
+    assert byte_level_tokenizer.decode(ids) == response  # byte-level round trip
     _assert_exact_cover(byte_level_tokenizer, response, exact_text=True)
 
 
@@ -185,3 +191,46 @@ def test_leading_space_token_after_blank_line_goes_to_its_paragraph(byte_level_t
     second = [t for t, j in zip(ids, para_ids) if j == 1]
     assert decode_response(byte_level_tokenizer, second) == " Lighting is natural."
     assert paragraphs[1].text == "Lighting is natural."
+
+
+def _spans_by_definition(tokenizer: PreTrainedTokenizerFast, ids: list[int]) -> list[tuple[int, int]]:
+    """Token i ends where decode(ids[:i+1]) stops agreeing with decode(ids); a token holding
+    only part of a character points at that character."""
+    def decode(part: list[int]) -> str:
+        return tokenizer.decode(part, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    text, spans, done = decode(ids), [], 0
+    for i in range(len(ids)):
+        prefix = decode(ids[: i + 1])
+        common = len(os.path.commonprefix([prefix, text]))
+        if common <= done and len(prefix) > common and done < len(text):
+            spans.append((done, done + 1))
+            continue
+        spans.append((done, max(common, done)))
+        done = max(common, done)
+    return spans
+
+
+MULTIBYTE = "Emoji 😀👍🏽 and café 日本 text.\n\n😀 starts this 日本語 paragraph.\n\n### Answer: fake"
+
+
+@pytest.mark.parametrize("which", ["byte_level_tokenizer", "llama_style_tokenizer"])
+def test_spans_match_the_definition_for_every_truncation(request, which: str) -> None:
+    """Linear-time windowed spans equal prefix decoding, also when generation stops mid-character."""
+    tokenizer = request.getfixturevalue(which)
+    ids = tokenizer(MULTIBYTE, add_special_tokens=False)["input_ids"]
+    for n in range(1, len(ids) + 1):
+        cut = ids[:n] + [tokenizer.eos_token_id]
+        text, spans = token_char_spans(tokenizer, cut)
+        assert spans == _spans_by_definition(tokenizer, cut), n
+        if not text.endswith("\ufffd"):  # the linear path, not the fallback, gave them
+            assert paragraphs_module._windowed_spans(tokenizer, cut, text) == spans, n
+
+
+def test_unverified_window_falls_back_to_prefix_decoding(llama_style_tokenizer, monkeypatch) -> None:
+    # without context every metaspace token loses its leading space: the check must catch it
+    monkeypatch.setattr(paragraphs_module, "_WINDOW", 0)
+    ids = llama_style_tokenizer(MULTIBYTE, add_special_tokens=False)["input_ids"]
+    text = decode_response(llama_style_tokenizer, ids)
+    assert paragraphs_module._windowed_spans(llama_style_tokenizer, ids, text) is None
+    assert token_char_spans(llama_style_tokenizer, ids)[1] == _spans_by_definition(llama_style_tokenizer, ids)

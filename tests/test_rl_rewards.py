@@ -68,7 +68,7 @@ def test_keyword_falls_back_to_the_first_three_words() -> None:
         ("The skin looks unnatural.", "fake"),  # not "natural"
         ("The texture looks unrealistic.", "fake"),  # not "realistic"
         ("no artifacts; natural pores", "real"),  # "no" negates artifacts, not natural
-        ("Natural skin, but no pores at all", "real"),  # 1 real vs 1 flipped: see next
+        ("Natural skin, but no pores at all", None),  # natural (real) vs "no pores" (fake): tie
         ("This does not look real.", "fake"),
         ("It isn\u2019t natural.", "fake"),
         ("The face lacks natural pores", "fake"),
@@ -85,21 +85,18 @@ def test_keyword_falls_back_to_the_first_three_words() -> None:
     ],
 )
 def test_paragraph_label(lexicon, text: str, label: str | None) -> None:
-    if text.startswith("Natural skin, but"):
-        # "natural" real; "no pores" -> fake: a tie -> no label
-        assert paragraph_label(text, lexicon) is None
-        return
     assert paragraph_label(text, lexicon) == label
 
 
 def test_evidence_counts_each_overlapping_term_once(lexicon) -> None:
     evidence = lexicon.evidence("Realistic texture and inconsistent lighting")
-    assert [(m, cls) for m, cls, _ in evidence] == [("realistic texture", "real"), ("inconsistent lighting", "fake")]
+    assert [(m, cls) for m, cls, _ in evidence] == [("realistic texture", "real"),
+                                                     ("inconsistent lighting", "fake")]
 
 
 def test_custom_lexicon_file_and_window(tmp_path: Path) -> None:
     path = tmp_path / "lex.yaml"
-    path.write_text("negation_window: 4\nnegators: [no]\nfake: [blob]\nreal: [sharp]\n")
+    path.write_text("negation_window: 4\nnegators: [\"no\"]\nfake: [blob]\nreal: [sharp]\n")
     lex = load_lexicon(path)
     assert paragraph_label("no sign of any blob", lex) == "real"  # window 4 reaches "no"
     assert paragraph_label("sharp", lex) == "real"
@@ -111,11 +108,13 @@ def test_custom_lexicon_file_and_window(tmp_path: Path) -> None:
     [
         ("fake: [a\n", "malformed YAML"),
         ("- just a list\n", "expected a mapping"),
-        ("negators: [no]\nfake: [x]\nreal: [y]\nnegatoin_window: 3\n", "did you mean 'negation_window'"),
-        ("negators: [no]\nfake: [x]\nreal: []\n", "'real' must be a non-empty list"),
-        ("negators: [no]\nfake: [x, 3]\nreal: [y]\n", "terms must be non-empty strings"),
-        ("negators: [no]\nfake: [smooth skin]\nreal: [smooth  skin]\n", "both real and fake"),
-        ("negators: [no]\nfake: [x]\nreal: [y]\nnegation_window: 0\n", "positive integer"),
+        ("negators: [\"no\"]\nfake: [x]\nreal: [y]\nnegatoin_window: 3\n",
+         "did you mean 'negation_window'"),
+        ("negators: [\"no\"]\nfake: [x]\nreal: []\n", "'real' must be a non-empty list"),
+        ("negators: [\"no\"]\nfake: [x, 3]\nreal: [y]\n", "terms must be non-empty strings"),
+        ("negators: [no]\nfake: [x]\nreal: [y]\n", "quote it"),  # YAML reads a bare no as false
+        ("negators: [\"no\"]\nfake: [smooth skin]\nreal: [smooth  skin]\n", "both real and fake"),
+        ("negators: [\"no\"]\nfake: [x]\nreal: [y]\nnegation_window: 0\n", "positive integer"),
     ],
 )
 def test_malformed_lexicon_is_a_user_error(tmp_path: Path, content: str, message: str) -> None:
@@ -190,7 +189,8 @@ def tiny_clip() -> ClipScorer:
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
     tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>",
                                         eos_token="<|endoftext|>", pad_token="<pad>", unk_token="<unk>")
     tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
@@ -210,7 +210,8 @@ def _images() -> list[Image.Image]:
 
 
 def test_vcr_is_cosine_mapped_to_unit_interval_in_one_text_pass(tiny_clip: ClipScorer) -> None:
-    keywords = ["skin texture", "natural lighting", "fake", "a keyword phrase far longer than sixteen tokens " * 3]
+    long_phrase = "a keyword phrase far longer than sixteen tokens " * 3  # truncated, still scored
+    keywords = ["skin texture", "natural lighting", "fake", long_phrase]
     calls = []
     hook = tiny_clip.model.text_model.register_forward_hook(lambda *args: calls.append(1))
     try:
@@ -222,10 +223,12 @@ def test_vcr_is_cosine_mapped_to_unit_interval_in_one_text_pass(tiny_clip: ClipS
     assert values.shape == (len(keywords),)
     assert bool(((values >= 0) & (values <= 1)).all())
     # independent check through CLIP's own forward: logits = exp(logit_scale) * cosine
-    batch = tiny_clip.tokenizer(keywords, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    batch = tiny_clip.tokenizer(keywords, padding=True, truncation=True, max_length=16,
+                                return_tensors="pt")
     pixels = tiny_clip.image_processor(images=_images()[:1], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        out = tiny_clip.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pixels)
+        out = tiny_clip.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              pixel_values=pixels)
     cosine = out.logits_per_image[0] / tiny_clip.model.logit_scale.exp()
     assert torch.allclose(values, (cosine + 1) / 2, atol=1e-5)
 
@@ -308,13 +311,14 @@ def test_explain_without_clip_and_summary(lexicon) -> None:
                         lexicon=lexicon)
     assert list(explained[0]) == ["image", "responses"]
     valid, invalid = explained[0]["responses"]
-    assert list(valid) == ["answer", "paragraphs"] and valid["answer"] == "real" and invalid["answer"] is None
+    assert list(valid) == ["answer", "paragraphs"]
+    assert valid["answer"] == "real" and invalid["answer"] is None
     keys = ["text", "start", "end", "keyword", "label", "vcr", "pcr", "reward", "advantage"]
     assert all(list(p) == keys and p["vcr"] is None for p in valid["paragraphs"] + invalid["paragraphs"])
     assert [p["reward"] for p in valid["paragraphs"]] == [0.5] * 4
     assert [p["reward"] for p in invalid["paragraphs"]] == [0.0, 0.0]
-    # 4 paragraphs at 0.5, 2 at 0: mean 1/3, population std sqrt(2)/3
-    std = math.sqrt(2) / 3
+    # 4 paragraphs at 0.5, 2 at 0: mean 1/3, population std sqrt(1/18) = sqrt(2)/6
+    std = math.sqrt(2) / 6
     assert valid["paragraphs"][0]["advantage"] == pytest.approx((0.5 - 1 / 3) / (std + 1e-4))
     assert invalid["paragraphs"][0]["advantage"] == pytest.approx((0 - 1 / 3) / (std + 1e-4))
     json.dumps(explained)  # plain JSON types only
@@ -328,7 +332,8 @@ def test_explain_without_clip_and_summary(lexicon) -> None:
     assert summary["invalid_rate"] == 0.5
 
 
-def test_explain_with_clip_reads_the_image_under_the_root(tiny_clip: ClipScorer, tmp_path: Path, lexicon) -> None:
+def test_explain_with_clip_reads_the_image_under_the_root(tiny_clip: ClipScorer, tmp_path: Path,
+                                                          lexicon) -> None:
     (tmp_path / "imgs" / "sub").mkdir(parents=True)
     _images()[0].save(tmp_path / "imgs" / "sub" / "a.png")
     rows = [{"image": "sub/a.png", "responses": [VALID, INVALID]}, {"image": None, "responses": [VALID]}]

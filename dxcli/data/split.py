@@ -70,9 +70,12 @@ def _scan_pool(pool: Path) -> list[tuple[str, str, str]]:
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise DxError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return digest.hexdigest()
 
 
@@ -119,17 +122,17 @@ def _assign(units: list[str], ratios: tuple[float, float, float], rng: random.Ra
 
 
 def _place(source: Path, dest: Path, link: bool) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if not link:
-        shutil.copy2(source, dest)
-        return
     try:
-        os.link(source, dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if link:
+            os.link(source, dest)
+        else:
+            shutil.copy2(source, dest)
     except OSError as exc:
-        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+        if link and exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
             raise DxError(f"--link: cannot hard-link {source} -> {dest} ({exc.strerror}); "
                           "OUT must be on the same filesystem, or copy without --link") from None
-        raise
+        raise DxError(f"cannot write {dest} ({exc.strerror or exc})") from None
 
 
 def split_pool(pool: Path, out: Path, ratios: Sequence[float] | str = DEFAULT_RATIOS,

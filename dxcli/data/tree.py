@@ -40,8 +40,11 @@ def is_image_name(name: str) -> bool:
 
 
 def _entries(path: Path) -> list[os.DirEntry]:
-    with os.scandir(path) as it:
-        return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    try:
+        with os.scandir(path) as it:
+            return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as exc:
+        raise DxError(f"{path}: cannot list the folder ({exc.strerror or exc})") from None
 
 
 def walk_tree(root: Path) -> TreeListing:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,13 +165,28 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     )
 
 
-def build_tiny(cfg: ModelConfig, texts: list[str], seed: int = 0) -> ModelBundle:
+@contextmanager
+def _default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Create parameters in `dtype` (as from_pretrained does): unlike `model.to(dtype)` this keeps
+    float32 buffers such as RoPE's inv_freq in float32."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or previous)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_tiny(cfg: ModelConfig, texts: list[str], seed: int = 0,
+               dtype: torch.dtype | None = None) -> ModelBundle:
     """The offline preset: random-init ConvNeXt + small Llama + a BPE trained on `texts`."""
     from transformers import LlamaConfig
 
     tiny = cfg.tiny
     tokenizer = train_tokenizer(texts, tiny.vocab_size)
-    model_args = {"depths": tuple(tiny.vision_depths), "dims": tuple(tiny.vision_dims)}
+    # layer-scale 1.0 (timm: 1e-6): a random tower whose blocks start near identity gives features
+    # too small and too alike for the binary head to learn from in minutes
+    model_args = {"depths": tuple(tiny.vision_depths), "dims": tuple(tiny.vision_dims), "ls_init_value": 1.0}
     vision_config, stride = _vision_config(TINY_VISION_ARCH, model_args, cfg.image_size)
     text_config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -186,7 +203,8 @@ def build_tiny(cfg: ModelConfig, texts: list[str], seed: int = 0) -> ModelBundle
     image_tokens = (cfg.image_size // stride) ** 2
     config = _dx_config(vision_config, text_config, tokenizer.convert_tokens_to_ids(template.IMAGE_TOKEN),
                         image_tokens, cfg.head_hidden)
-    with torch.random.fork_rng(devices=[]):
+    config.dtype = dtype or torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]), _default_dtype(dtype):
         torch.manual_seed(seed)
         model = DxLlavaForConditionalGeneration(config)
     _set_generation_tokens(model, tokenizer)
@@ -204,7 +222,7 @@ def compose(cfg: ModelConfig, dtype: torch.dtype | None = None, seed: int = 0) -
     tokenizer = _load_tokenizer(cfg.llm)
     llm, llm_notes = _load_llm(cfg.llm, dtype)
     vision_config, stride = _vision_config(cfg.vision, {}, cfg.image_size)
-    tower, vision_notes = _load_vision(vision_config, cfg.vision_weights)
+    tower, vision_notes = _load_vision(vision_config, cfg.vision_weights, llm.dtype)
     _add_special_tokens(tokenizer)
 
     config = _dx_config(vision_config, llm.config, tokenizer.convert_tokens_to_ids(template.IMAGE_TOKEN),
@@ -214,8 +232,6 @@ def compose(cfg: ModelConfig, dtype: torch.dtype | None = None, seed: int = 0) -
         model.resize_token_embeddings(len(tokenizer))
     model.generation_config = llm.generation_config
     _set_generation_tokens(model, tokenizer)
-    if dtype is not None:
-        model.to(dtype)
     bundle = ModelBundle(model, tokenizer, make_processor(tokenizer, cfg.image_size, stride),
                          notes=llm_notes + vision_notes)
     _summarise(bundle, f"composed: vision {cfg.vision} + llm {cfg.llm}")
@@ -225,7 +241,8 @@ def compose(cfg: ModelConfig, dtype: torch.dtype | None = None, seed: int = 0) -
 def _assemble(config: DxLlavaConfig, tower: Any, llm: Any, seed: int) -> DxLlavaForConditionalGeneration:
     """Build the skeleton on the meta device (no 7B random init), then plug in the loaded parts
     and initialise only the projector and the head."""
-    with torch.device("meta"):
+    config.dtype = llm.dtype
+    with torch.device("meta"), _default_dtype(llm.dtype):
         model = DxLlavaForConditionalGeneration(config)
     decoder = llm.base_model
     if type(decoder) is not type(model.model.language_model):
@@ -240,7 +257,6 @@ def _assemble(config: DxLlavaConfig, tower: Any, llm: Any, seed: int) -> DxLlava
             fresh.to_empty(device="cpu")
             for module in fresh.modules():
                 model._init_weights(module)
-    model.to(decoder.dtype)
     model.tie_weights()
     leftovers = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftovers:
@@ -275,12 +291,13 @@ def _load_llm(llm: str, dtype: torch.dtype | None) -> tuple[Any, list[str]]:
     return model, _unexpected_note(f"LLM '{llm}'", info.get("unexpected_keys"))
 
 
-def _load_vision(vision_config: Any, weights: str | None) -> tuple[Any, list[str]]:
+def _load_vision(vision_config: Any, weights: str | None, dtype: torch.dtype) -> tuple[Any, list[str]]:
     """A TimmWrapperModel whose timm weights come from `weights`; missing keys are an error."""
     from transformers import TimmWrapperModel
 
     state = _vision_state_dict(vision_config.architecture, weights)
-    tower = TimmWrapperModel(vision_config)
+    with _default_dtype(dtype):
+        tower = TimmWrapperModel(vision_config)
     missing, unexpected = tower.timm_model.load_state_dict(state, strict=False)
     source = weights or f"timm's pretrained {vision_config.architecture}"
     if missing:
@@ -305,7 +322,8 @@ def _vision_state_dict(arch: str, weights: str | None) -> dict[str, torch.Tensor
             raise DxError(f"could not read vision weights {file}: {exc}") from None
         # HF TimmWrapper folders prefix every key with `timm_model.`
         return {k.removeprefix("timm_model."): v for k, v in state.items()}
-    if weights is not None and weights.count("/") != 1:
+    looks_like_file = weights is not None and Path(weights).suffix in (".safetensors", ".pth", ".pt", ".bin")
+    if weights is not None and (looks_like_file or weights.count("/") != 1):
         raise DxError(f"vision weights not found: '{weights}' is neither a local file/folder nor a hub id")
     overlay = {"hf_hub_id": weights, "source": "hf-hub"} if weights else None
     try:
@@ -335,6 +353,8 @@ def _set_generation_tokens(model: DxLlavaForConditionalGeneration, tokenizer: An
     gen.bos_token_id = tokenizer.bos_token_id
     gen.eos_token_id = tokenizer.eos_token_id
     gen.pad_token_id = tokenizer.pad_token_id
+    # A sampled `<image>` would later be taken for an image slot (prompt_embeds, log-probs).
+    gen.suppress_tokens = [model.config.image_token_id]
 
 
 def _preview(keys: list[str], limit: int = 5) -> str:
@@ -416,8 +436,5 @@ def build_model(cfg: ModelConfig, texts: list[str] | None = None, dtype: torch.d
     if cfg.preset == "tiny":
         if texts is None:
             raise DxError("the tiny preset trains its tokenizer on the records' text: pass texts")
-        bundle = build_tiny(cfg, texts)
-        if dtype is not None:
-            bundle.model.to(dtype)
-        return bundle
+        return build_tiny(cfg, texts, dtype=dtype)
     return compose(cfg, dtype=dtype)

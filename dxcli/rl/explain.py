@@ -29,7 +29,8 @@ def rows_from_file(path: Path) -> list[dict[str, Any]]:
     kinds = {"rollouts" if "responses" in r else "answers" if "question_id" in r else None
              for r in records}
     if None in kinds:
-        number = next(i for i, r in enumerate(records, 1) if "responses" not in r and "question_id" not in r)
+        number = next(i for i, r in enumerate(records, 1)
+                      if "responses" not in r and "question_id" not in r)
         raise DxError(f"{path}: record {number} has neither 'responses' (rollouts) nor "
                       "'question_id' (eval answers)")
     if len(kinds) > 1:
@@ -149,7 +150,8 @@ def summarize(explained: list[dict[str, Any]]) -> dict[str, Any]:
         "mean_pcr": mean([p["pcr"] for p in paragraphs]),
         "mean_reward": mean([p["reward"] for p in paragraphs]),
         # non-final paragraphs of an answered response have PCR 1, so all-ones = consistent
-        "consistency_rate": mean([float(all(p["pcr"] == 1.0 for p in r["paragraphs"])) for r in answered]),
+        "consistency_rate": mean([float(all(p["pcr"] == 1.0 for p in r["paragraphs"]))
+                                  for r in answered]),
         "paragraphs_per_response": mean([float(len(r["paragraphs"])) for r in responses]),
         "invalid_rate": mean([float(r["answer"] is None) for r in responses]),
     }

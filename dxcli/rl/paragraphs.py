@@ -58,12 +58,6 @@ def _final_index(response: str, starts: list[int]) -> int:
     return bisect_right(starts, span[1] - 1) - 1
 
 
-def paragraph_of(paragraphs: Sequence[Paragraph], char: int) -> int:
-    """Index of the paragraph whose span holds character `char` (past the end: the last)."""
-    starts = [p.start for p in paragraphs]
-    return max(0, bisect_right(starts, char) - 1)
-
-
 def token_paragraph_ids(
     paragraphs: Sequence[Paragraph],
     offsets: Sequence[tuple[int, int]],
@@ -122,29 +116,85 @@ def _decode_many(tokenizer: Any, sequences: list[list[int]]) -> list[str]:
 def token_char_spans(tokenizer: Any, token_ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
     """(response text, one character span per generated id), exact for the ids as generated.
 
-    Spans come from decoding every prefix ids[:i+1] (one batched decode) rather than from
-    re-tokenizing the text, which can split differently than the model generated (cost: about
-    0.1 s for 1024 tokens on one CPU core, quadratic in the length). Decoding
-    prefixes is exact for byte-level BPE (a token holding part of a UTF-8 character is given that
-    character) and for SentencePiece/Metaspace decoders (their leading-space rule applies to
-    prefixes and to the whole text alike). Special tokens decode to nothing: empty spans.
+    The definition: token i ends where the decoding of ids[:i+1] stops agreeing with the decoding
+    of all ids, and starts where token i-1 ended. This follows the ids the model generated (a
+    re-tokenization of the text can split differently), is exact for byte-level BPE (a token
+    holding part of a UTF-8 character is given that character) and for SentencePiece/Metaspace
+    decoders (their leading-space rule applies to prefixes and to the whole text alike).
+    Special tokens decode to nothing: empty spans.
+
+    Decoding every prefix costs time quadratic in the length, so spans are first computed from
+    short windows (each token decoded after `_WINDOW` tokens of context, linear time), then
+    checked against the definition every `_CHECK_EVERY` tokens and at the end; any disagreement
+    falls back to decoding every prefix.
     """
     ids = [int(i) for i in token_ids]
+    text = decode_response(tokenizer, ids)
     if not ids:
-        return decode_response(tokenizer, ids), []
+        return text, []
+    spans = _windowed_spans(tokenizer, ids, text)
+    return text, spans if spans is not None else _prefix_spans(tokenizer, ids, text)
+
+
+_WINDOW = 16  # tokens of context: decoders only look back a few tokens (bytes of one character)
+_CHECK_EVERY = 32
+_GARBAGE = "\ufffd"  # what a decoder prints for an incomplete UTF-8 sequence
+
+
+def _prefix_end(prefix: str, text: str) -> int:
+    """How many characters of `text` the decoding of a prefix of the ids has produced."""
+    return len(prefix) if text.startswith(prefix) else _common_prefix_len(prefix, text)
+
+
+def _prefix_spans(tokenizer: Any, ids: list[int], text: str) -> list[tuple[int, int]]:
+    """Spans by the definition: decode every prefix (one batched decode)."""
     prefixes = _decode_many(tokenizer, [ids[: i + 1] for i in range(len(ids))])
-    text = prefixes[-1]
     spans, done = [], 0
     for prefix in prefixes:
-        common = len(prefix) if text.startswith(prefix) else _common_prefix_len(prefix, text)
+        common = _prefix_end(prefix, text)
         end = max(common, done)
         if end == done and len(prefix) > common and done < len(text):
-            end = done + 1  # bytes of a character not yet complete: they belong to it
-            spans.append((done, end))
+            spans.append((done, done + 1))  # bytes of a character not yet complete: they build it
             continue
         spans.append((done, end))
         done = end
-    return text, spans
+    return spans
+
+
+def _windowed_spans(tokenizer: Any, ids: list[int], text: str) -> list[tuple[int, int]] | None:
+    """Spans from each token's text after a short window of context; None when unverified."""
+    windows = []
+    for i in range(len(ids)):
+        context = ids[max(0, i - _WINDOW) : i]
+        windows += [context, context + [ids[i]]]
+    decoded = _decode_many(tokenizer, windows)
+    spans, pieces, ends, done, owed = [], [], [], 0, 0
+    for before, after in zip(decoded[0::2], decoded[1::2]):
+        before_text, after_text = before.rstrip(_GARBAGE), after.rstrip(_GARBAGE)
+        common = min(_common_prefix_len(before, after), len(before_text))
+        # text already given to earlier tokens that this token turned back into bytes (a byte
+        # run that stopped being valid UTF-8): it comes back later and is not counted twice
+        owed += len(before_text) - common
+        piece = after_text[common:]
+        skip = min(owed, len(piece))
+        piece, owed = piece[skip:], owed - skip
+        if not piece and after.endswith(_GARBAGE) and done < len(text):
+            spans.append((done, done + 1))  # bytes of a character not yet complete
+        else:
+            spans.append((done, done + len(piece)))
+        pieces.append(piece)
+        done += len(piece)
+        ends.append(done)
+    if "".join(pieces) != text:
+        return None
+    checks = sorted(set(range(_CHECK_EVERY - 1, len(ids), _CHECK_EVERY)) | {len(ids) - 1})
+    prefixes = _decode_many(tokenizer, [ids[: c + 1] for c in checks])
+    for c, prefix in zip(checks, prefixes):
+        # a prefix ending inside a character cannot be checked on its own (by the definition its
+        # end also depends on the tokens before it); the next checkpoint covers it
+        if _prefix_end(prefix, text) != ends[c] and not prefix.endswith(_GARBAGE):
+            return None
+    return spans
 
 
 def _common_prefix_len(a: str, b: str) -> int:

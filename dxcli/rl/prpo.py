@@ -192,7 +192,7 @@ def run(job: PrpoJob) -> Path:
     dtype = runtime.torch_dtype(hw.precision)
     bundle = load_checkpoint(job.model)
     model = bundle.model
-    model.freeze(vision=False, llm=True, projector=False, head=False)
+    model.freeze(vision=True, llm=False, projector=True, head=True)  # True = frozen
     if cfg.train.grad_checkpointing:
         model.gradient_checkpointing_enable()
     reference = None

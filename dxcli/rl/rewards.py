@@ -106,7 +106,8 @@ class Lexicon:
         self._classes = [terms[words] for words in ordered]
         negators = [_term_words(n) for n in self.negators]
         self._suffix_negators = tuple(w[0] for w in negators if len(w) == 1 and w[0].startswith("n'"))
-        self._single_negators = frozenset(w[0] for w in negators if len(w) == 1) - set(self._suffix_negators)
+        singles = {w[0] for w in negators if len(w) == 1}
+        self._single_negators = frozenset(singles - set(self._suffix_negators))
         self._multi_negators = sorted((w for w in negators if len(w) > 1), key=len, reverse=True)
 
     def evidence(self, text: str) -> list[tuple[str, str, bool]]:
@@ -180,6 +181,9 @@ def lexicon_from_dict(data: Any, source: str = "<memory>") -> Lexicon:
         if not isinstance(value, list) or not value:
             raise DxError(f"{source}: '{key}' must be a non-empty list of terms")
         for item in value:
+            if isinstance(item, bool):
+                raise DxError(f"{source}: '{key}' holds {item!r}, YAML's reading of a bare "
+                              'no/yes/on/off; quote it ("no")')
             if not isinstance(item, str) or not item.strip():
                 raise DxError(f"{source}: '{key}' holds {item!r}; terms must be non-empty strings")
         lists[key] = [str(item) for item in value]
@@ -273,7 +277,8 @@ def paragraph_rewards(scores: list[ResponseScore], vcr_values: list[list[float] 
             rewards.append([b * p for p in score.pcr])
         else:
             if len(vcr) != len(score.pcr):
-                raise ValueError(f"response {index}: {len(vcr)} VCR values for {len(score.pcr)} paragraphs")
+                raise ValueError(f"response {index}: {len(vcr)} VCR values for "
+                                 f"{len(score.pcr)} paragraphs")
             rewards.append([a * float(v) + b * p for v, p in zip(vcr, score.pcr)])
     return rewards
 
@@ -306,13 +311,16 @@ class ClipScorer:
             tokenizer = AutoTokenizer.from_pretrained(source)
             image_processor = AutoImageProcessor.from_pretrained(source)
         except (OSError, ValueError, KeyError) as exc:
-            raise DxError(f"cannot load a CLIP model from '{source}': {str(exc).splitlines()[0]}") from None
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DxError(f"cannot load a CLIP model from '{source}': {reason}") from None
         return cls(model, tokenizer, image_processor, device)
 
     def image_embeddings(self, images: list[Image.Image]) -> torch.Tensor:
         """[N, D] unit-norm embeddings; compute once per image and reuse for every keyword."""
         import torch
 
+        if not images:
+            return torch.empty(0, self.model.config.projection_dim, device=self.device)
         pixels = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
         with torch.no_grad():
             out = self.model.get_image_features(pixel_values=pixels["pixel_values"].to(self.device))

@@ -30,10 +30,11 @@ class SftJob:
     resume: bool = False
 
 
-def trainable_parts(stage: str, cfg: cfgmod.DxConfig) -> dict[str, bool]:
+def frozen_parts(stage: str, cfg: cfgmod.DxConfig) -> dict[str, bool]:
+    """Which parts do NOT learn in this stage (`model.freeze` takes True = frozen)."""
     if stage == "align":
-        return {"vision": False, "llm": False, "projector": True, "head": True}
-    return {"vision": cfg.instruct.unfreeze_vision, "llm": True, "projector": True, "head": True}
+        return {"vision": True, "llm": True, "projector": False, "head": False}
+    return {"vision": not cfg.instruct.unfreeze_vision, "llm": False, "projector": False, "head": False}
 
 
 def stage_settings(stage: str, cfg: cfgmod.DxConfig) -> tuple[float, float, float]:
@@ -75,7 +76,7 @@ def run(job: SftJob) -> Path:
     records = load_records(Path(job.records))
     bundle = load_checkpoint(job.model) if job.model else build_model(cfg.model, [r.answer for r in records])
     model = bundle.model
-    model.freeze(**trainable_parts(job.stage, cfg))
+    model.freeze(**frozen_parts(job.stage, cfg))
     if cfg.train.grad_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False

@@ -1,0 +1,36 @@
+"""Shared, session-scoped artefacts: a small demo dataset and a tiny model trained on it once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TRAIN_SETS = ["train.max_steps=0", "hardware.num_workers=0"]
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    from dxcli.data.demo import make_demo
+
+    root = tmp_path_factory.mktemp("demo") / "data"
+    make_demo(root, seed=0, n_train=48, n_val=8, n_test=24)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, demo_root) -> dict[str, Path]:
+    """align then instruct with the cpu-tiny profile on the small demo set (in this process)."""
+    from dxcli import config
+    from dxcli.training.stages import run_sft_stage
+
+    runs = tmp_path_factory.mktemp("runs")
+    align = run_sft_stage("align", out=runs / "align", data=demo_root, say=lambda *_: None,
+                          resolved=config.resolve("cpu-tiny", ["train.max_steps=6", "hardware.num_workers=0"]))
+    instruct = run_sft_stage("instruct", out=runs / "instruct", data=demo_root, model=str(align),
+                             say=lambda *_: None,
+                             resolved=config.resolve("cpu-tiny", ["hardware.num_workers=0", "instruct.epochs=6"]))
+    return {"align": align, "instruct": instruct, "runs": runs}

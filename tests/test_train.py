@@ -1,0 +1,160 @@
+"""align / instruct: masking, what learns, that it learns, multi-process, resume, and user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dxcli import config
+from dxcli.cli.main import app
+from dxcli.training.sft_data import IGNORE_INDEX, tokenize_pair
+
+runner = CliRunner()
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def test_only_the_assistant_reply_is_supervised(trained):
+    from dxcli.model import load_checkpoint
+
+    bundle = load_checkpoint(trained["align"])
+    item = tokenize_pair(bundle.tokenizer, "Is it real?", "**Edges**: crisp.\n\n### Answer: real", 9, 384)
+    supervised = [t for t in item.labels if t != IGNORE_INDEX]
+    first = item.labels.index(supervised[0])
+    assert all(label == IGNORE_INDEX for label in item.labels[:first])  # prompt (and image tokens) masked
+    assert item.input_ids[first:] == supervised  # everything after the prompt is learned
+    assert supervised[-1] == bundle.tokenizer.eos_token_id
+    assert bundle.tokenizer.decode(supervised, skip_special_tokens=True).strip() == "**Edges**: crisp.\n\n### Answer: real"
+    assert item.input_ids.count(bundle.tokenizer.convert_tokens_to_ids("<image>")) == 9
+
+
+def test_truncation_is_counted_not_silent(trained):
+    from dxcli.model import load_checkpoint
+
+    bundle = load_checkpoint(trained["align"])
+    short = tokenize_pair(bundle.tokenizer, "q", "word " * 400, 9, 120)
+    assert short.truncated and len(short.input_ids) == 120
+
+
+def test_align_trains_only_projector_and_head(trained):
+    before = state(trained["runs"] / "align" / "base-model")
+    after = state(trained["align"])
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "align changed nothing"
+    assert all("multi_modal_projector" in k or "binary_head" in k for k in changed), sorted(changed)[:5]
+    assert any("binary_head" in k for k in changed) and any("multi_modal_projector" in k for k in changed)
+
+
+def test_instruct_lowers_lm_loss_and_head_separates_test_split(trained, demo_root):
+    from sklearn.metrics import roc_auc_score
+
+    from dxcli.evaluation.generate import pixel_values
+    from dxcli.model import load_checkpoint
+    from dxcli.training.sft_data import load_rgb
+
+    rows = metrics(trained["runs"] / "instruct")
+    assert rows[-1]["lm_loss"] <= 0.7 * rows[0]["lm_loss"], (rows[0], rows[-1])
+    bundle = load_checkpoint(trained["instruct"])
+    bundle.model.eval()
+    paths = sorted(demo_root.glob("*/test/*/*.png"))
+    labels = [int(p.parent.name == "fake") for p in paths]
+    with torch.no_grad():
+        feats = bundle.model.image_features(pixel_values(bundle, [load_rgb(p) for p in paths], torch.float32,
+                                                         torch.device("cpu")))
+        probs = torch.sigmoid(bundle.model.head_logits_from_features(feats)).tolist()
+    assert roc_auc_score(labels, probs) >= 0.75
+
+
+def test_stop_and_resume_continues_where_it_stopped(tmp_path, demo_root, trained, monkeypatch):
+    from dxcli.training.stages import run_sft_stage
+
+    sets = ["hardware.num_workers=0", "train.max_steps=6", "train.log_every=1", "hardware.micro_batch=4"]
+    whole = run_sft_stage("instruct", out=tmp_path / "whole", data=demo_root, model=str(trained["align"]),
+                          resolved=config.resolve("cpu-tiny", sets), say=lambda *_: None)
+    monkeypatch.setenv("DX_STOP_AFTER_STEP", "3")
+    with pytest.raises(SystemExit):
+        run_sft_stage("instruct", out=tmp_path / "split", data=demo_root, model=str(trained["align"]),
+                      resolved=config.resolve("cpu-tiny", sets), say=lambda *_: None)
+    assert [r["step"] for r in metrics(tmp_path / "split")] == [1, 2, 3]
+    monkeypatch.delenv("DX_STOP_AFTER_STEP")
+    run_sft_stage("instruct", out=tmp_path / "split", model=str(trained["align"]), resume=True,
+                  resolved=config.resolve("cpu-tiny", []), say=lambda *_: None)
+    resumed, full = metrics(tmp_path / "split"), metrics(tmp_path / "whole")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(resumed, full):  # same data in the same order, same optimizer and schedule state
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+        assert a["lr"] == pytest.approx(b["lr"])
+    assert (whole / "config.json").is_file() and (tmp_path / "split" / "model" / "config.json").is_file()
+
+
+def test_two_process_zero2_run(tmp_path, demo_root, trained):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "dxcli", "train", "align", "--data", str(demo_root), "--model", str(trained["align"]),
+         "--out", str(out), "--nproc-per-node", "2", "--set", "train.max_steps=2", "--set", "train.log_every=1",
+         "--set", "hardware.zero_stage=2", "--set", "hardware.num_workers=0"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout + result.stderr
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    assert (out / "model" / "config.json").is_file()
+
+
+def test_worker_failure_is_the_command_failure(tmp_path, demo_root, trained):
+    records = tmp_path / "records.jsonl"
+    records.write_text((trained["runs"] / "align" / "train-records.jsonl").read_text())
+    result = subprocess.run(
+        [sys.executable, "-m", "dxcli", "train", "align", "--data", str(records), "--images", str(demo_root),
+         "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "fail"), "--nproc-per-node", "2"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "error" in result.stderr.lower() and "nope" in result.stderr
+
+
+def test_missing_data_is_a_usage_error(tmp_path):
+    result = runner.invoke(app, ["train", "align", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert "--data is required" in str(result.exception)
+
+
+def test_existing_run_needs_resume_or_force(tmp_path, demo_root):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("{}")
+    result = runner.invoke(app, ["train", "align", "--data", str(demo_root), "--out", str(out)])
+    assert result.exit_code == 1 and "--resume" in str(result.exception)
+    assert (out / "config.yaml").read_text() == "{}"  # nothing overwritten
+
+
+def test_bad_images_stop_training_unless_skipped(tmp_path, demo_root):
+    from dxcli.training.prepare import prepare_records
+
+    tree = tmp_path / "tree"
+    shutil.copytree(demo_root, tree)
+    victim = sorted(tree.glob("gan/train/fake/*.png"))[0]
+    victim.write_bytes(b"not an image")
+    with pytest.raises(Exception) as err:
+        prepare_records(tree, None, tmp_path)
+    assert victim.name in str(err.value) and "--skip-bad" in str(err.value)
+    prepared = prepare_records(tree, None, tmp_path, skip_bad=True)
+    assert len(prepared.skipped) == 1 and prepared.skipped[0][0].endswith(victim.name)
