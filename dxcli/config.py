@@ -58,6 +58,7 @@ class HardwareConfig:
     micro_batch: int = 1
     grad_accum: int = 1
     num_workers: int = 2  # DataLoader workers per process
+    threads: int = 0  # torch CPU threads per process; 0 = torch's default (tiny models run faster on 1)
 
 
 @dataclass

@@ -84,6 +84,9 @@ def run_demo(out: Path, *, profile: str = "cpu-tiny", sets: list[str] | None = N
     score = score_file(answers)
     (out / "score.json").write_text(json.dumps(score, indent=2))
     test_image = sorted((data / next(iter(sorted(p.name for p in data.iterdir() if p.is_dir()))) / "test" / "fake").iterdir())[0]
+    from dxcli.training.runtime import set_threads
+
+    set_threads(resolved.config.hardware.threads)
     bundle = load_checkpoint(model)
     bundle.model.eval()
     detection = next(detect(bundle, [test_image], max_new_tokens=resolved.config.eval.max_new_tokens)).to_json()

@@ -36,6 +36,9 @@ def detect(
     if checkpoint is None:
         raise DxError("pass --model CHECKPOINT (a dx checkpoint or run folder)")
     paths = expand_inputs(inputs)
+    from dxcli.training.runtime import set_threads
+
+    set_threads(resolved.config.hardware.threads)
     bundle = load_checkpoint(checkpoint)
     bundle.model.eval()
     failed = 0

@@ -67,3 +67,31 @@ def instruct(
     """
     _sft("instruct", data, images, model, out, profile, sets, resume, force, skip_bad, nproc_per_node, nnodes,
          node_rank, master_addr, master_port, hostfile)
+
+
+@app.command()
+def prpo(
+    out: OutOpt, model: ModelOpt = None, data: DataOpt = None, images: ImagesOpt = None,
+    algo: Annotated[Optional[str], typer.Option("--algo", help="prpo (paragraph rewards) or grpo (baseline).")] = None,
+    labels: Annotated[Optional[str], typer.Option("--labels", help="gt: ground truth; majority/none: test-time RL on unlabeled images (labels only reported).")] = None,
+    clip: Annotated[Optional[str], typer.Option("--clip", help="CLIPModel folder or hub id for the visual consistency reward (off without it).")] = None,
+    split: Annotated[str, typer.Option("--split", help="Split of a dataset tree to draw prompts from (test for test-time RL).")] = "train",
+    domain: Annotated[Optional[list[str]], typer.Option("--domain", help="Only these domains of a dataset tree (repeatable).")] = None,
+    profile: ProfileOpt = DEFAULT_PROFILE_NAME, sets: SetOpt = None, resume: ResumeOpt = False,
+    force: ForceOpt = False, nproc_per_node: NprocOpt = None, nnodes: NnodesOpt = None,
+    node_rank: NodeRankOpt = 0, master_addr: MasterOpt = "127.0.0.1", master_port: PortOpt = None,
+    hostfile: HostfileOpt = None,
+) -> None:
+    """Stage 3, RL: PRPO (paragraph-level rewards) or the GRPO baseline, from an instruct checkpoint.
+
+    Example: dx train prpo --model runs/instruct --data demo-data --out runs/prpo --algo prpo
+    Test-time RL on a held-out domain: dx train prpo --model runs/instruct --data DF_R5 --domain sit --split test --labels none --out runs/ttrl
+    """
+    from dxcli.training.stages import launch_spec, run_prpo_stage
+
+    resolved = resolve_config(profile, sets, {"hardware.nproc_per_node": nproc_per_node, "hardware.nnodes": nnodes,
+                                              "prpo.algo": algo, "prpo.labels": labels, "prpo.clip": clip})
+    spec = launch_spec(resolved.config, node_rank, master_addr, master_port, str(hostfile) if hostfile else None)
+    saved = run_prpo_stage(out=out, resolved=resolved, model=model, data=data, images=images, split=split,
+                           domains=domain, resume=resume, force=force, spec=spec, say=err_console.print)
+    console.print(f"[green]{resolved.config.prpo.algo} done[/]: model in {saved}, metrics in {out / 'metrics.jsonl'}")

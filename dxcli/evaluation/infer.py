@@ -32,6 +32,7 @@ class InferJob:
     top_p: float = 1.0
     seed: int = 0
     precision: str = "fp32"
+    threads: int = 0
 
 
 def load_questions(path: Path) -> list[dict[str, Any]]:
@@ -124,6 +125,7 @@ def run(job: InferJob) -> None:
     if not todo:
         return
     torch.set_grad_enabled(False)
+    runtime.set_threads(job.threads)
     bundle = load_checkpoint(job.model, dtype=runtime.torch_dtype(job.precision))
     bundle.model.to(runtime.device()).eval()
     model_name = Path(job.model).resolve().name if Path(job.model).exists() else job.model
@@ -169,7 +171,8 @@ def run_infer(*, model: str, questions: Path, images: Path, out: Path, config, s
     ev = config.eval
     job = InferJob(run_dir=str(work), questions=str(questions), images=str(images), out=str(out),
                    model=checkpoint, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-                   temperature=ev.temperature, top_p=ev.top_p, seed=ev.seed, precision=config.hardware.precision)
+                   temperature=ev.temperature, top_p=ev.top_p, seed=ev.seed, precision=config.hardware.precision,
+                   threads=config.hardware.threads)
     spec = replace(spec or LaunchSpec(), nproc_per_node=config.hardware.nproc_per_node, nnodes=config.hardware.nnodes)
     from dataclasses import asdict
 

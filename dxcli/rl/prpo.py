@@ -49,46 +49,48 @@ class Rollout:
 # ---------------------------------------------------------------------- rewards
 
 
-def score_group(texts: list[str], token_ids: list[list[int]], tokenizer, *, algo: str, target: str | None,
-                vcr_for: Any, lexicon, a: float, b: float, eps: float) -> tuple[list[list[float]], dict[str, float]]:
-    """Per-token advantages for the G responses of one image, and the group's reward statistics.
+def prpo_token_advantages(token_ids: list[list[int]], tokenizer, *, images: list, G: int, clip, lexicon,
+                          cfg: cfgmod.PrpoConfig) -> tuple[list[list[float]], list[dict[str, float]]]:
+    """Paragraph rewards -> advantages normalised per image -> one advantage per generated token.
 
-    `vcr_for(keywords) -> list[float]` scores keywords against this image (None: VCR off).
+    VCR for every paragraph of the step comes from one batched CLIP text pass.
     """
-    from dxcli.rl.objective import grpo_advantages, grpo_rewards, prpo_advantages, token_advantages
+    from dxcli.rl.objective import prpo_advantages, token_advantages
     from dxcli.rl.paragraphs import decode_response, map_tokens
     from dxcli.rl.rewards import paragraph_rewards, score_response
 
-    answers = [parse_answer(t) for t in texts]
-    stats: dict[str, float] = {}
-    if algo == "grpo":
-        rewards = grpo_rewards(answers, target)
-        advantages = grpo_advantages(rewards, eps=eps)
-        stats["reward"] = sum(rewards) / len(rewards)
-        token_adv = [[adv] * len(ids) for adv, ids in zip(advantages, token_ids)]
-        stats["paragraphs"] = 0.0
-        return token_adv, stats
     mapped = [map_tokens(tokenizer, ids) for ids in token_ids]
     # scored on the exact decoded ids, so paragraph spans line up with the token mapping
     scores = [score_response(decode_response(tokenizer, ids), lexicon=lexicon) for ids in token_ids]
-    vcr = None
-    if vcr_for is not None:
-        flat = [kw for score in scores for kw in score.keywords]
-        values = vcr_for(flat) if flat else []
-        vcr, at = [], 0
-        for score in scores:
-            vcr.append(values[at:at + len(score.keywords)])
-            at += len(score.keywords)
-    rewards = paragraph_rewards(scores, vcr, a=a, b=b)
-    advantages = prpo_advantages(rewards, eps=eps)
-    token_adv = [token_advantages(ids_to_para, adv) for (_, ids_to_para), adv in zip(mapped, advantages)]
-    flat_r = [r for rs in rewards for r in rs]
-    stats["reward"] = sum(flat_r) / max(len(flat_r), 1)
-    stats["pcr"] = mean([p for s in scores for p in s.pcr])
-    if vcr is not None:
-        stats["vcr"] = mean([v for vs in vcr for v in vs])
-    stats["final_pcr"] = mean([s.pcr[-1] if s.pcr else 0.0 for s in scores])
-    stats["paragraphs"] = mean([len(p) for p, _ in mapped])
+    groups = [scores[i * G:(i + 1) * G] for i in range(len(images))]
+    vcr = clip.group_vcr(clip.image_embeddings(images), groups) if clip is not None else None
+    token_adv, stats = [], []
+    for i, group in enumerate(groups):
+        rewards = paragraph_rewards(group, vcr[i] if vcr else None, a=cfg.vcr_weight, b=cfg.pcr_weight)
+        advantages = prpo_advantages(rewards, eps=cfg.adv_eps)
+        token_adv += [token_advantages(ids_to_para, adv)
+                      for (_, ids_to_para), adv in zip(mapped[i * G:(i + 1) * G], advantages)]
+        row = {"reward": mean([r for rs in rewards for r in rs]),
+               "pcr": mean([p for s in group for p in s.pcr]),
+               "final_pcr": mean([s.pcr[s.final_index] if s.pcr else 0.0 for s in group]),
+               "paragraphs": mean([len(s.paragraphs) for s in group])}
+        if vcr:
+            row["vcr"] = mean([v for vs in vcr[i] for v in vs])
+        stats.append(row)
+    return token_adv, stats
+
+
+def grpo_token_advantages(answers: list[str | None], targets: list[str | None], token_ids: list[list[int]],
+                          G: int, eps: float) -> tuple[list[list[float]], list[dict[str, float]]]:
+    """One reward per response (answer == target), normalised over its G siblings, on every token."""
+    from dxcli.rl.objective import grpo_advantages, grpo_rewards
+
+    token_adv, stats = [], []
+    for i, target in enumerate(targets):
+        rows = slice(i * G, (i + 1) * G)
+        rewards = grpo_rewards(answers[rows], target)
+        token_adv += [[adv] * len(ids) for adv, ids in zip(grpo_advantages(rewards, eps=eps), token_ids[rows])]
+        stats.append({"reward": mean(rewards)})
     return token_adv, stats
 
 
@@ -109,21 +111,14 @@ def rollout(bundle, images, questions, labels, *, cfg: cfgmod.PrpoConfig, clip, 
     model.eval()
     gen = generate(bundle, images, questions, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                    top_p=cfg.top_p, samples_per_image=G, seed=seed)
-    image_embs = clip.image_embeddings(images) if clip is not None else None
-    token_adv, group_stats, majority_right, majority_ratio = [], [], [], []
-    for i in range(len(images)):
-        rows = slice(i * G, (i + 1) * G)
-        texts, ids = gen.texts[rows], gen.token_ids[rows]
-        majority, ratio = majority_answer([parse_answer(t) for t in texts])
-        majority_ratio.append(ratio)
-        if labels[i] is not None:
-            majority_right.append(float(majority == labels[i]))
-        target = labels[i] if cfg.labels == "gt" else majority
-        vcr_for = (lambda kws, i=i: clip.vcr(image_embs[i], kws).tolist()) if clip is not None else None
-        adv, stats = score_group(texts, ids, tokenizer, algo=cfg.algo, target=target, vcr_for=vcr_for,
-                                 lexicon=lexicon, a=cfg.vcr_weight, b=cfg.pcr_weight, eps=cfg.adv_eps)
-        token_adv += adv
-        group_stats.append(stats)
+    answers = [parse_answer(t) for t in gen.texts]
+    majorities = [majority_answer(answers[i * G:(i + 1) * G]) for i in range(len(images))]
+    if cfg.algo == "grpo":
+        targets = [labels[i] if cfg.labels == "gt" else majorities[i][0] for i in range(len(images))]
+        token_adv, group_stats = grpo_token_advantages(answers, targets, gen.token_ids, G, cfg.adv_eps)
+    else:  # PRPO's rewards need no label: labels, when known, are only reported
+        token_adv, group_stats = prpo_token_advantages(gen.token_ids, tokenizer, images=images, G=G, clip=clip,
+                                                       lexicon=lexicon, cfg=cfg)
     width = max(1, max(len(ids) for ids in gen.token_ids))
     n = len(gen.token_ids)
     completion = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
@@ -133,18 +128,16 @@ def rollout(bundle, images, questions, labels, *, cfg: cfgmod.PrpoConfig, clip, 
         completion[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         completion_mask[row, :len(ids)] = 1
         advantages[row, :len(ids)] = torch.tensor(adv[:len(ids)])
-    answers = [parse_answer(t) for t in gen.texts]
     stats = {key: mean([s[key] for s in group_stats if key in s]) for key in group_stats[0]}
     stats.update(
         response_tokens=mean([len(ids) for ids in gen.token_ids]),
         invalid_rate=mean([float(a is None) for a in answers]),
-        majority_ratio=mean(majority_ratio),
+        majority_ratio=mean([ratio for _, ratio in majorities]),
     )
-    if majority_right:
-        stats["pseudo_label_accuracy"] = mean(majority_right)
-        truth = [lab for lab in labels for _ in range(G)]
-        known = [(a, t) for a, t in zip(answers, truth) if t is not None]
-        stats["answer_accuracy"] = mean([float(a == t) for a, t in known])
+    known = [i for i, label in enumerate(labels) if label is not None]
+    if known:
+        stats["pseudo_label_accuracy"] = mean([float(majorities[i][0] == labels[i]) for i in known])
+        stats["answer_accuracy"] = mean([float(answers[i * G + g] == labels[i]) for i in known for g in range(G)])
     expand = lambda x: x.repeat_interleave(G, dim=0)  # noqa: E731
     return Rollout(expand(gen.prompt_ids), expand(gen.prompt_mask), expand(gen.image_features).detach(),
                    completion, completion_mask, advantages, stats)
@@ -189,6 +182,7 @@ def run(job: PrpoJob) -> Path:
     p, hw = cfg.prpo, cfg.hardware
     dist = runtime.init_distributed()
     runtime.seed_everything(cfg.train.seed + dist.rank)  # ranks must sample different rollouts
+    runtime.set_threads(cfg.hardware.threads)
     dtype = runtime.torch_dtype(hw.precision)
     bundle = load_checkpoint(job.model)
     model = bundle.model
@@ -200,7 +194,7 @@ def run(job: PrpoJob) -> Path:
         reference = load_checkpoint(job.model, dtype=dtype).model.to(runtime.device()).eval()
         reference.requires_grad_(False)
     clip = ClipScorer.load(p.clip, runtime.device()) if (p.algo == "prpo" and p.clip) else None
-    lexicon = load_lexicon()
+    lexicon = load_lexicon(Path(p.lexicon) if p.lexicon else None)
     records = load_records(Path(job.records))
     G = p.group_size
     sequences = p.images_per_step * G

@@ -66,7 +66,7 @@ class PreparedData:
 
 def prepare_records(data: Path | None, images: Path | None, run_dir: Path, *, split: str = "train",
                     skip_bad: bool = False, name: str = "train-records.jsonl",
-                    require_labels: bool = False) -> PreparedData:
+                    require_labels: bool = False, domains: list[str] | None = None) -> PreparedData:
     """Records from a SPEC tree (built, with ROOT/reasoning.jsonl when present) or a records file.
 
     Images that are missing or unreadable stop the run (listed), or are skipped with --skip-bad.
@@ -82,7 +82,7 @@ def prepare_records(data: Path | None, images: Path | None, run_dir: Path, *, sp
         raise DxError(f"--data {data}: no such file or folder")
     if data.is_dir():
         images_root = data
-        records = records_from_tree(data, splits=(split,), reasoning=default_reasoning(data))
+        records = records_from_tree(data, splits=(split,), domains=domains, reasoning=default_reasoning(data))
     else:
         if images is None:
             raise UsageError(f"--data {data} is a records file: pass --images ROOT (the folder its paths are relative to)")

@@ -67,6 +67,14 @@ def device() -> "torch.device":  # noqa: F821
     return torch.device("cpu")
 
 
+def set_threads(threads: int) -> None:
+    """Tiny models on CPU spend more time synchronising threads than computing: let profiles pick."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def seed_everything(seed: int) -> None:
     import numpy as np
     import torch

@@ -70,6 +70,7 @@ def run(job: SftJob) -> Path:
     cfg = cfgmod.load(run_dir / "config.yaml")
     dist = runtime.init_distributed()
     runtime.seed_everything(cfg.train.seed)
+    runtime.set_threads(cfg.hardware.threads)
     lr, epochs, alpha = stage_settings(job.stage, cfg)
     hw = cfg.hardware
 
@@ -85,7 +86,7 @@ def run(job: SftJob) -> Path:
                          image_token_count(bundle.processor), cfg.train.max_length)
     sampler = ResumableShardSampler(len(dataset), dist.rank, dist.world, cfg.train.seed)
     loader = DataLoader(dataset, batch_size=hw.micro_batch, sampler=sampler, collate_fn=dataset.collate,
-                        num_workers=hw.num_workers, persistent_workers=False)
+                        num_workers=hw.num_workers, persistent_workers=hw.num_workers > 0)
     micro_per_epoch = math.ceil(len(sampler.shard(0)) / hw.micro_batch)
     steps_per_epoch = max(1, micro_per_epoch // hw.grad_accum)
     total_steps = max(1, math.ceil(epochs * steps_per_epoch))
