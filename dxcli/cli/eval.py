@@ -55,3 +55,7 @@ def score(
 from dxcli.cli.eval_infer import infer  # noqa: E402  (light: typer only)
 
 app.command("infer")(infer)
+
+from dxcli.cli.eval_rewards import rewards  # noqa: E402
+
+app.command("rewards")(rewards)

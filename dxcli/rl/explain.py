@@ -111,22 +111,16 @@ def explain(
 
 
 def _open_image(relative: str, root: Path | None) -> Any:
-    from PIL import Image, UnidentifiedImageError
+    from dxcli.data.tree import safe_image_path
+    from dxcli.training.sft_data import load_rgb
 
-    if root is None:
-        path = Path(relative)
-    else:
-        root = Path(root).resolve()
-        path = (root / relative).resolve()
-        if not path.is_relative_to(root):
-            raise DxError(f"image '{relative}' escapes the image root {root}")
+    path = safe_image_path(Path(root), relative) if root is not None else Path(relative)
     if not path.is_file():
         hint = "" if root is not None else " (pass the image root with --images)"
         raise DxError(f"image not found: {path}{hint}")
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
+        return load_rgb(path)
+    except OSError as exc:
         raise DxError(f"cannot read image {path}: {exc}") from None
 
 

@@ -1,0 +1,95 @@
+"""dx train prpo: both algorithms, log-probs with the image, several processes, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dxcli import config
+
+FAST = ["hardware.num_workers=0", "prpo.max_new_tokens=24", "prpo.group_size=3", "prpo.images_per_step=2",
+        "train.log_every=1", "hardware.micro_batch=4"]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algo,labels", [("prpo", "gt"), ("grpo", "gt"), ("grpo", "majority")])
+def test_prpo_and_grpo_run_and_log(trained, demo_root, tmp_path, algo, labels):
+    from dxcli.training.stages import run_prpo_stage
+
+    resolved = config.resolve("cpu-tiny", [*FAST, "train.max_steps=2", f"prpo.algo={algo}", f"prpo.labels={labels}"])
+    model = run_prpo_stage(out=tmp_path / "rl", resolved=resolved, model=str(trained["instruct"]), data=demo_root,
+                           say=lambda *_: None)
+    rows = metrics(tmp_path / "rl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("reward", "response_tokens", "invalid_rate", "kl", "clip_fraction", "entropy", "majority_ratio",
+                "pseudo_label_accuracy", "lr"):
+        assert key in rows[0], key
+    if algo == "prpo":
+        assert {"pcr", "paragraphs"} <= set(rows[0])
+    assert (model / "config.json").is_file()
+
+
+def test_rollout_logprobs_are_computed_with_the_image(trained, demo_root):
+    from dxcli.model import load_checkpoint
+    from dxcli.rl.prpo import completion_logprobs, rollout
+    from dxcli.rl.rewards import load_lexicon
+    from dxcli.training.sft_data import load_rgb
+
+    bundle = load_checkpoint(trained["instruct"])
+    cfg = config.resolve("cpu-tiny", [*FAST]).config.prpo
+    images = [load_rgb(p) for p in sorted(demo_root.glob("gan/train/*/*.png"))[:2]]
+    roll = rollout(bundle, images, ["Real or fake?"] * 2, ["real", "fake"], cfg=cfg, clip=None,
+                   lexicon=load_lexicon(), seed=0)
+    assert roll.completion_ids.shape[0] == 2 * cfg.group_size
+    with torch.no_grad():
+        logp, _ = completion_logprobs(bundle.model, roll, slice(0, 2), torch.device("cpu"))
+        # the same numbers from a plain forward over prompt + completion with pixel values
+        ids = torch.cat([roll.prompt_ids[:2], roll.completion_ids[:2]], 1)
+        mask = torch.cat([roll.prompt_mask[:2], roll.completion_mask[:2]], 1)
+        from dxcli.evaluation.generate import pixel_values
+
+        pixels = pixel_values(bundle, [images[0], images[0]], torch.float32, torch.device("cpu"))
+        logits = bundle.model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        width = roll.completion_ids.shape[1]
+        expected = torch.log_softmax(logits[:, -width - 1:-1].float(), -1).gather(
+            -1, roll.completion_ids[:2].unsqueeze(-1)).squeeze(-1)
+    valid = roll.completion_mask[:2].bool()
+    assert torch.allclose(logp[valid], expected[valid], atol=1e-4)
+
+
+def test_prpo_resume_continues(trained, demo_root, tmp_path, monkeypatch):
+    from dxcli.training.stages import run_prpo_stage
+
+    sets = [*FAST, "train.max_steps=3"]
+    monkeypatch.setenv("DX_STOP_AFTER_STEP", "2")
+    with pytest.raises(SystemExit):
+        run_prpo_stage(out=tmp_path / "rl", resolved=config.resolve("cpu-tiny", sets), model=str(trained["instruct"]),
+                       data=demo_root, say=lambda *_: None)
+    monkeypatch.delenv("DX_STOP_AFTER_STEP")
+    run_prpo_stage(out=tmp_path / "rl", resolved=config.resolve("cpu-tiny", []), model=str(trained["instruct"]),
+                   resume=True, say=lambda *_: None)
+    rows = metrics(tmp_path / "rl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[2]["epoch"] > rows[1]["epoch"]  # the data position moved on, nothing repeated
+
+
+def test_two_process_grpo(trained, demo_root, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "rl2"
+    command = [sys.executable, "-m", "dxcli", "train", "prpo", "--model", str(trained["instruct"]), "--data",
+               str(demo_root), "--out", str(out), "--algo", "grpo", "--labels", "majority", "--nproc-per-node", "2"]
+    for item in [*FAST, "train.max_steps=2"]:
+        command += ["--set", item]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in metrics(out)] == [1, 2]
+    assert (out / "model" / "config.json").is_file()
