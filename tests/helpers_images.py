@@ -11,7 +11,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from dxcli.errors import DxError
 
 
 def noise_image(size: tuple[int, int] = (40, 40), mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -116,10 +115,7 @@ def snapshot(root: Path) -> dict[str, tuple[str, int]]:
 
 
 def exit_status(result) -> int:
-    """The process exit status `dx` would give: CliRunner reports an escaped DxError as 1,
-    while `dx` (dxcli.cli.main.run) exits with the error's own code (UsageError: 2)."""
-    if isinstance(result.exception, DxError):
-        return result.exception.exit_code
+    """The exit status `dx` gives; an unexpected exception (a bug) is re-raised."""
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code

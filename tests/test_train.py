@@ -134,7 +134,7 @@ def test_worker_failure_is_the_command_failure(tmp_path, demo_root, trained):
 def test_missing_data_is_a_usage_error(tmp_path):
     result = runner.invoke(app, ["train", "align", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2
-    assert "--data is required" in str(result.exception)
+    assert "--data is required" in result.output
 
 
 def test_existing_run_needs_resume_or_force(tmp_path, demo_root):
@@ -142,7 +142,7 @@ def test_existing_run_needs_resume_or_force(tmp_path, demo_root):
     out.mkdir()
     (out / "config.yaml").write_text("{}")
     result = runner.invoke(app, ["train", "align", "--data", str(demo_root), "--out", str(out)])
-    assert result.exit_code == 1 and "--resume" in str(result.exception)
+    assert result.exit_code == 1 and "--resume" in result.output
     assert (out / "config.yaml").read_text() == "{}"  # nothing overwritten
 
 

@@ -10,7 +10,34 @@ import typer
 
 from dxcli import __version__
 
+_state = {"debug": bool(os.environ.get("DX_DEBUG"))}
+
+
+class _Group(typer.core.TyperGroup):
+    """Turns a DxError anywhere below into one red line and its exit status (2 usage, 1 failure)."""
+
+    def invoke(self, ctx):
+        from dxcli.errors import DxError
+
+        try:
+            return super().invoke(ctx)
+        except DxError as exc:
+            if _state["debug"]:
+                raise
+            from dxcli.cli.common import err_console
+
+            err_console.print(f"[bold red]error:[/] {_escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="dx",
     help="dx: vision-language deepfake detection (DX-LLaVA + PRPO).\n\n"
     "Example: dx dataset demo demo-data && dx dataset check demo-data",
@@ -29,8 +56,6 @@ GROUPS = {
     "eval": "dxcli.cli.eval",
 }
 TOP_LEVEL = ["dxcli.cli.detect", "dxcli.cli.demo"]
-
-_state = {"debug": bool(os.environ.get("DX_DEBUG"))}
 
 
 def _version(value: bool) -> None:
@@ -73,17 +98,8 @@ _register()
 
 
 def run() -> None:
-    from dxcli.errors import DxError
-
     try:
-        app(standalone_mode=True)
-    except DxError as exc:
-        if _state["debug"]:
-            raise
-        from dxcli.cli.common import err_console
-
-        err_console.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        app()
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -116,8 +116,10 @@ def _validate(out: Path, *, n_train: int, n_val: int, n_test: int, size: int,
         if isinstance(n, bool) or not isinstance(n, int) or n < 2 or n % 2:
             raise UsageError(f"n_{split} must be an even number >= 2 (half real, half fake), "
                              f"got {n!r}")
-    if not MIN_SIZE <= size <= MAX_SIZE:
-        raise UsageError(f"size must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {size}")
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_SIZE <= size <= MAX_SIZE \
+            or size % 8:
+        raise UsageError(f"size must be a multiple of 8 from {MIN_SIZE} to {MAX_SIZE} "
+                         f"(the traces repeat every 2, 4 or 8 pixels), got {size!r}")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -218,6 +220,11 @@ def render_job(job: DemoJob, out: Path) -> tuple[str, int, str]:
 
 # ---------------------------------------------------------------------------------------------
 # Simulated generator pipelines: float32 HxWx3 in [0, 255] in, same shape out.
+# Each trace is tied to the output pixel grid (generators upsample from the image origin), so it
+# repeats with a fixed phase in every image of a domain: the periodic fingerprint that makes real
+# generators detectable, and plain enough for a tiny CNN to pick up in minutes.
+
+_BAYER4 = (np.array([[0, 8, 2, 10], [12, 4, 14, 6], [3, 11, 1, 9], [15, 7, 13, 5]]) + 0.5) / 16
 
 
 def _resize(pixels: np.ndarray, side: int, resample: int = Image.BOX) -> np.ndarray:
@@ -225,50 +232,58 @@ def _resize(pixels: np.ndarray, side: int, resample: int = Image.BOX) -> np.ndar
     return np.asarray(image.resize((side, side), resample), dtype=np.float32)
 
 
+def _phase_gain(gains: np.ndarray, size: int) -> np.ndarray:
+    """A separable gain map repeating `gains` along both axes from the origin (H x W x 1)."""
+    line = np.tile(gains, size // len(gains) + 1)[:size]
+    return np.outer(line, line)[..., None].astype(np.float32)
+
+
 def gan_upsampler(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Stride-2 transposed convolution from half resolution. Its 4-tap kernel is a bilinear one
-    whose even and odd taps are scaled apart, so the two output phases get gains 1 +/- d: the
-    uneven-overlap checkerboard of learned deconvolutions."""
+    whose even and odd taps are scaled apart, so the two output phases get gains 1 +/- d (the
+    uneven-overlap checkerboard of learned deconvolutions), plus an alternating bias."""
     size = pixels.shape[0]
-    low = _resize(pixels, (size + 1) // 2)
-    d = rng.uniform(0.10, 0.16) * rng.choice([-1.0, 1.0])
+    low = _resize(pixels, size // 2)
+    d = rng.uniform(0.10, 0.16)
     taps = np.array([0.25, 0.75, 0.75, 0.25]) * (1 + d * np.array([1, -1, 1, -1]))
-    kernel = np.outer(taps, taps)
-    upsampled = np.zeros((2 * low.shape[0], 2 * low.shape[1], 3), np.float32)
+    upsampled = np.zeros((size, size, 3), np.float32)
     upsampled[::2, ::2] = low
+    kernel = np.outer(taps, taps)
     out = np.stack([ndimage.convolve(upsampled[..., c], kernel, mode="mirror")
                     for c in range(3)], axis=-1)
-    bias = rng.uniform(2.0, 4.0) * np.where(np.indices(out.shape[:2]).sum(0) % 2, 1.0, -1.0)
-    return out[:size, :size] + bias[:size, :size, None]
+    bias = rng.uniform(3.0, 6.0) * _phase_gain(np.array([1.0, -1.0]), size)
+    return out + bias
 
 
 def diffusion_decoder(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Over-smoothing (fine detail lost), then re-noising with uniform Gaussian noise, mostly
-    shared by the channels like a decoder's luminance noise."""
+    """Over-smoothing (fine detail lost), a faint 8-pixel grid from the latent decoder's 8x
+    upsampling, then re-noising with even Gaussian noise mostly shared by the channels."""
+    size = pixels.shape[0]
     sigma = rng.uniform(1.3, 2.0)
     smooth = ndimage.gaussian_filter(pixels, sigma=(sigma, sigma, 0))
+    ripple = 1 + rng.uniform(0.05, 0.08) * np.cos(2 * np.pi * (np.arange(8) + 0.5) / 8)
     level = rng.uniform(4.0, 7.0)
-    shape = pixels.shape
-    noise = rng.normal(0.0, level, shape[:2] + (1,)) + rng.normal(0.0, level * 0.35, shape)
-    return smooth + noise.astype(np.float32)
+    noise = rng.normal(0.0, level, (size, size, 1)) + rng.normal(0.0, level * 0.35, pixels.shape)
+    return smooth * _phase_gain(ripple, size) + noise.astype(np.float32)
 
 
 def colour_banding(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A smooth rendering quantised to a few levels per channel (no dithering)."""
+    """A smooth rendering quantised to a few levels per channel with a weak ordered (4x4 Bayer)
+    dither: flat bands with stepped contours, and the dither's fixed crosshatch."""
+    size = pixels.shape[0]
     smooth = ndimage.gaussian_filter(pixels, sigma=(1.0, 1.0, 0))
-    levels = int(rng.integers(6, 12))
-    step = 255.0 / (levels - 1)
-    return np.rint(smooth / step) * step
+    step = 255.0 / (int(rng.integers(6, 10)) - 1)
+    threshold = 0.5 + 0.6 * (np.tile(_BAYER4, (size // 4, size // 4)) - 0.5)
+    return np.floor(smooth / step + threshold[..., None]) * step
 
 
 def nearest_resample(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Generated at a third of the resolution, then nearest-neighbour upsampled (3x3 blocks) at a
-    random grid phase."""
+    """Made at a quarter of the resolution, then upsampled 4x by pixel replication through a
+    fixed-point interpolator whose uneven weights brighten block borders: a 4-pixel grid."""
     size = pixels.shape[0]
-    low = _resize(pixels, size // 3 + 2)
-    blocks = np.repeat(np.repeat(low, 3, axis=0), 3, axis=1)
-    dy, dx = (int(v) for v in rng.integers(0, 3, size=2))
-    return blocks[dy:dy + size, dx:dx + size]
+    blocks = np.repeat(np.repeat(_resize(pixels, size // 4), 4, axis=0), 4, axis=1)
+    e = rng.uniform(0.05, 0.08)
+    return blocks * _phase_gain(np.array([1 + e, 1 - e, 1 - e, 1 + e]), size)
 
 
 PIPELINES: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {

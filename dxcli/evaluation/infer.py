@@ -124,7 +124,6 @@ def run(job: InferJob) -> None:
         print(f"[infer] {len(done)} answered already; {len(todo)} to go on this rank", flush=True)
     if not todo:
         return
-    torch.set_grad_enabled(False)
     runtime.set_threads(job.threads)
     bundle = load_checkpoint(job.model, dtype=runtime.torch_dtype(job.precision))
     bundle.model.to(runtime.device()).eval()
