@@ -9,15 +9,12 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TRAIN_SETS = ["train.max_steps=0", "hardware.num_workers=0"]
-
-
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
     from dxcli.data.demo import make_demo
 
     root = tmp_path_factory.mktemp("demo") / "data"
-    make_demo(root, seed=0, n_train=48, n_val=8, n_test=24)
+    make_demo(root, seed=0, n_train=100, n_val=8, n_test=24)
     return root
 
 
@@ -32,5 +29,5 @@ def trained(tmp_path_factory, demo_root) -> dict[str, Path]:
                           resolved=config.resolve("cpu-tiny", ["train.max_steps=6", "hardware.num_workers=0"]))
     instruct = run_sft_stage("instruct", out=runs / "instruct", data=demo_root, model=str(align),
                              say=lambda *_: None,
-                             resolved=config.resolve("cpu-tiny", ["hardware.num_workers=0", "instruct.epochs=6"]))
+                             resolved=config.resolve("cpu-tiny", ["hardware.num_workers=0"]))
     return {"align": align, "instruct": instruct, "runs": runs}

@@ -224,7 +224,10 @@ def render_job(job: DemoJob, out: Path) -> tuple[str, int, str]:
 # repeats with a fixed phase in every image of a domain: the periodic fingerprint that makes real
 # generators detectable, and plain enough for a tiny CNN to pick up in minutes.
 
-_BAYER4 = (np.array([[0, 8, 2, 10], [12, 4, 14, 6], [3, 11, 1, 9], [15, 7, 13, 5]]) + 0.5) / 16
+# Clustered-dot (halftone) dither thresholds, low in the 2x2 centre of each 4x4 cell, high in the
+# corners; mirror-symmetric, so the crosshatch survives horizontal-flip augmentation.
+_EDGE4 = np.array([1, 0, 0, 1])
+_DOT4 = np.array([0.2, 0.5, 0.8])[_EDGE4[:, None] + _EDGE4[None, :]]
 
 
 def _resize(pixels: np.ndarray, side: int, resample: int = Image.BOX) -> np.ndarray:
@@ -268,12 +271,12 @@ def diffusion_decoder(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarra
 
 
 def colour_banding(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A smooth rendering quantised to a few levels per channel with a weak ordered (4x4 Bayer)
-    dither: flat bands with stepped contours, and the dither's fixed crosshatch."""
+    """A smooth rendering quantised to a few levels per channel with a weak clustered-dot ordered
+    dither: flat bands with stepped contours, and the dither's fixed 4-pixel crosshatch."""
     size = pixels.shape[0]
     smooth = ndimage.gaussian_filter(pixels, sigma=(1.0, 1.0, 0))
     step = 255.0 / (int(rng.integers(6, 10)) - 1)
-    threshold = 0.5 + 0.6 * (np.tile(_BAYER4, (size // 4, size // 4)) - 0.5)
+    threshold = 0.5 + 0.6 * (np.tile(_DOT4, (size // 4, size // 4)) - 0.5)
     return np.floor(smooth / step + threshold[..., None]) * step
 
 
