@@ -1,7 +1,8 @@
 """`dx demo`: the whole pipeline on the built-in demo data with the cpu-tiny profile, offline.
 
-demo data -> align -> instruct -> questions -> eval infer -> eval score -> detect. Each step's
-output stays in OUT; a rerun skips the steps whose output is already complete.
+demo data -> align -> instruct -> questions -> eval infer -> prpo -> eval infer -> eval score
+(before and after PRPO) -> detect. Each step's output stays in OUT; a rerun skips the steps whose
+output is already complete. VCR is off in the demo (no CLIP weights offline): PRPO runs on PCR.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ F1_BAR, AUC_BAR = 0.75, 0.85  # the demo checks the pipeline: a working one clea
 @dataclass
 class DemoResult:
     out: Path
-    score: dict[str, Any]
+    score: dict[str, Any]  # the instruct (SFT) model's answers: the bar applies to it
+    score_prpo: dict[str, Any]
     detection: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -41,7 +43,7 @@ def run_demo(out: Path, *, profile: str = "cpu-tiny", sets: list[str] | None = N
     from dxcli.evaluation.score import score_file
     from dxcli.jsonio import write_jsonl_atomic
     from dxcli.model import load_checkpoint
-    from dxcli.training.stages import run_sft_stage
+    from dxcli.training.stages import run_prpo_stage, run_sft_stage
 
     out = Path(out)
     if force and out.exists():
@@ -77,18 +79,26 @@ def run_demo(out: Path, *, profile: str = "cpu-tiny", sets: list[str] | None = N
         write_jsonl_atomic(questions, rows)
 
     step("questions", questions.is_file(), make_questions)
-    answers = out / "answers.jsonl"
-    model = str(out / "instruct" / "model")
-    step("eval infer", (out / "score.json").is_file(),
+    answers, answers_prpo = out / "answers.jsonl", out / "answers-prpo.jsonl"
+    model, model_prpo = str(out / "instruct" / "model"), str(out / "prpo" / "model")
+    step("eval infer (instruct)", (out / "score.json").is_file(),
          lambda: run_infer(model=model, questions=questions, images=data, out=answers, config=resolved.config))
     score = score_file(answers)
     (out / "score.json").write_text(json.dumps(score, indent=2))
-    test_image = sorted((data / next(iter(sorted(p.name for p in data.iterdir() if p.is_dir()))) / "test" / "fake").iterdir())[0]
+    step("prpo", (out / "prpo" / "model" / "config.json").is_file(),
+         lambda: run_prpo_stage(out=out / "prpo", resolved=resolved, model=model, data=data,
+                                resume=(out / "prpo" / "config.yaml").is_file(), say=say))
+    step("eval infer (prpo)", (out / "score-prpo.json").is_file(),
+         lambda: run_infer(model=model_prpo, questions=questions, images=data, out=answers_prpo,
+                           config=resolved.config))
+    score_prpo = score_file(answers_prpo)
+    (out / "score-prpo.json").write_text(json.dumps(score_prpo, indent=2))
+    test_image = sorted(data.glob("*/test/fake/*.png"))[0]
     from dxcli.training.runtime import set_threads
 
     set_threads(resolved.config.hardware.threads)
-    bundle = load_checkpoint(model)
+    bundle = load_checkpoint(model_prpo)
     bundle.model.eval()
     detection = next(detect(bundle, [test_image], max_new_tokens=resolved.config.eval.max_new_tokens)).to_json()
     (out / "detect.json").write_text(json.dumps(detection, indent=2))
-    return DemoResult(out, score, detection, seconds)
+    return DemoResult(out, score, score_prpo, detection, seconds)

@@ -17,7 +17,8 @@ def demo(
 ) -> None:
     """Run the whole pipeline on the built-in demo data (cpu-tiny profile, offline, minutes on a CPU).
 
-    demo data -> align -> instruct -> questions -> eval infer -> eval score -> detect.
+    demo data -> align -> instruct -> questions -> eval infer -> prpo -> eval infer -> eval score
+    (instruct and prpo side by side) -> detect.
     The demo data is a pipeline check, not a deepfake benchmark.
 
     Example: dx demo --out dx-demo
@@ -27,7 +28,7 @@ def demo(
     from dxcli.pipeline import AUC_BAR, F1_BAR, run_demo
 
     result = run_demo(out, sets=sets, force=force, say=err_console.print)
-    print_summary(result.score, console)
+    print_summary({"files": {"instruct": result.score, "prpo": result.score_prpo}}, console)
     d = result.detection
     console.print(f"detect {d['image']}: [bold]{d['verdict']}[/] (head P(fake) {d['head_prob']:.3f})")
     overall = result.score["overall"]
