@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -178,6 +179,9 @@ def _suggest(key: str, choices: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(key: str, kind: Any, value: Any) -> Any:
     """Check `value` against the annotation `kind`; ints are accepted where floats belong."""
     origin = typing.get_origin(kind)
@@ -210,6 +214,8 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
     if kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
         raise UsageError(f"{key}: expected a number, got {value!r}")
     if kind is str:
         if isinstance(value, str):

@@ -254,7 +254,7 @@ def gan_upsampler(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     kernel = np.outer(taps, taps)
     out = np.stack([ndimage.convolve(upsampled[..., c], kernel, mode="mirror")
                     for c in range(3)], axis=-1)
-    bias = rng.uniform(3.0, 6.0) * _phase_gain(np.array([1.0, -1.0]), size)
+    bias = rng.uniform(3.0, 6.0) * _phase_gain(np.array([1.0, -1.0]), size)  # same sign as d^2
     return out + bias
 
 
@@ -303,198 +303,236 @@ PIPELINES: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = 
 
 @dataclass(frozen=True)
 class Traces:
-    peak_ratio: float  # strongest high-frequency spectral peak / median high-frequency power
-    peak_period: float  # period in pixels of that peak
-    noise: float  # Immerkaer noise sigma estimate (grey levels)
-    detail: float  # mean gradient magnitude after a sigma-1 blur (edges, not noise)
-    level_fill: float  # share of grey levels used between each channel's min and max
-    flat_share: float  # share of neighbour pairs with exactly equal RGB values
+    checker: float  # relative brightness ripple alternating pixel by pixel (0.05: +/-5%)
+    grid4: float  # ripple along rows/columns repeating every 4 pixels, beyond the 2-pixel one
+    grid8: float  # ripple along rows/columns repeating every 8 pixels, beyond the 4-pixel one
+    blockiness: float  # mean step across 4-pixel block borders / mean step inside blocks
+    level_fill: float  # share of the values between each channel's min and max that occur
+    noise_evenness: float  # 10th / 90th percentile of local fine-residual spread (1: noise only)
+    noise: float  # noise sigma estimate (Immerkaer), grey levels
+    detail: float  # mean gradient after a sigma-1 blur (edges rather than noise)
     brightness: float  # mean luminance, 0..255
 
 
 def measure(image: np.ndarray) -> Traces:
-    pixels = image.astype(np.float64)
-    grey = pixels @ np.array([0.299, 0.587, 0.114])
-    peak_ratio, peak_period = _spectral_peak(grey)
+    """Measure the traces on a uint8 HxWx3 image (square, side a multiple of 8)."""
+    grey = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    profiles = {period: _phase_profile(grey, period) for period in (2, 4, 8)}
+    lines = {period: _line_profiles(profile) for period, profile in profiles.items()}
     laplace = ndimage.convolve(grey, np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]]))[1:-1, 1:-1]
-    noise = float(np.abs(laplace).mean() * np.sqrt(np.pi / 2) / 6)
-    blurred = ndimage.gaussian_filter(grey, 1.0)
-    detail = float(np.hypot(*np.gradient(blurred)).mean())
-    fills = []
-    for channel in np.moveaxis(image, -1, 0):
-        span = int(channel.max()) - int(channel.min()) + 1
-        fills.append(len(np.unique(channel)) / span)
-    equal_x = np.all(image[:, 1:] == image[:, :-1], axis=-1).mean()
-    equal_y = np.all(image[1:] == image[:-1], axis=-1).mean()
-    return Traces(peak_ratio, peak_period, noise, detail, float(np.mean(fills)),
-                  float((equal_x + equal_y) / 2), float(grey.mean()))
+    fills = [len(np.unique(channel)) / (int(channel.max()) - int(channel.min()) + 1)
+             for channel in np.moveaxis(image, -1, 0)]
+    return Traces(
+        checker=float(profiles[2].std()),
+        grid4=float((lines[4] - np.tile(lines[2], 2)).std()),
+        grid8=float((lines[8] - np.tile(lines[4], 2)).std()),
+        blockiness=_blockiness(grey, 4),
+        level_fill=float(np.mean(fills)),
+        noise_evenness=_noise_evenness(grey),
+        noise=float(np.abs(laplace).mean() * np.sqrt(np.pi / 2) / 6),
+        detail=float(np.hypot(*np.gradient(ndimage.gaussian_filter(grey, 1.0))).mean()),
+        brightness=float(grey.mean()),
+    )
 
 
-def _spectral_peak(grey: np.ndarray) -> tuple[float, float]:
-    """Periodic traces show as isolated peaks in the high-frequency power spectrum."""
-    size = grey.shape[0]
-    highpass = grey - ndimage.uniform_filter(grey, 5, mode="reflect")
-    power = np.abs(np.fft.fft2(highpass)) ** 2
-    freq = np.fft.fftfreq(size)
-    radius = np.hypot(freq[:, None], freq[None, :])
-    band = radius >= 0.25
-    values = power[band]
-    index = int(np.argmax(values))
-    ratio = float(values[index] / (np.median(values) + 1e-9))
-    return ratio, float(1.0 / radius[band][index])
+def _phase_profile(grey: np.ndarray, period: int) -> np.ndarray:
+    """Mean relative brightness of each pixel phase (y mod period, x mod period) against its
+    surroundings. Scene content averages out over the phases; a gain or bias pattern tied to
+    the pixel grid does not."""
+    local = ndimage.uniform_filter(grey, period, mode="reflect")
+    relative = grey / np.maximum(local, 16.0) - 1.0
+    cells = grey.shape[0] // period
+    profile = relative.reshape(cells, period, cells, period).mean(axis=(0, 2))
+    return profile - profile.mean()
+
+
+def _line_profiles(profile: np.ndarray) -> np.ndarray:
+    """The row-phase and column-phase means side by side: each averages a whole line of cells,
+    so a ripple along one axis stands out of the scene far better than in the 2-D profile."""
+    return np.stack([profile.mean(axis=1), profile.mean(axis=0)])
+
+
+def _blockiness(grey: np.ndarray, block: int) -> float:
+    steps = [np.abs(np.diff(grey, axis=axis)) for axis in (0, 1)]
+    border = np.mean([s[block - 1::block].mean() if axis == 0 else s[:, block - 1::block].mean()
+                      for axis, s in enumerate(steps)])
+    inner = np.mean([np.delete(s, np.s_[block - 1::block], axis=axis).mean()
+                     for axis, s in enumerate(steps)])
+    return float(border / (inner + 1e-6))
+
+
+def _noise_evenness(grey: np.ndarray) -> float:
+    """Camera photos are clean in flat areas and busy in textured ones; re-noised images carry
+    the same noise everywhere."""
+    residual = grey - ndimage.gaussian_filter(grey, 1.0)
+    cells = residual.shape[0] // 8
+    spread = residual.reshape(cells, 8, cells, 8).std(axis=(1, 3))
+    return float(np.percentile(spread, 10) / (np.percentile(spread, 90) + 1e-6))
 
 
 # ---------------------------------------------------------------------------------------------
-# Reasoning text. Each group picks a sentence from what was measured; wording alternatives are
-# drawn with the image's seeded RNG. Real sentences carry real evidence (natural, consistent,
-# realistic texture, sharp detail, natural noise, negated fake terms); fake sentences carry fake
-# evidence (artifact, synthetic, checkerboard, banding, overly smooth, ...), so the paragraphs'
-# majority label always equals the answer.
+# Reasoning text. Each group's sentence is chosen from what was measured; wording alternatives
+# are drawn with the image's seeded RNG. Real sentences carry real evidence of the PRPO lexicon
+# (natural, consistent, authentic, realistic texture, fine detail, negated fake terms such as
+# "no visible artifacts"); fake sentences carry fake evidence (artifact, synthetic, unnatural,
+# overly smooth, blurry edges, inconsistent lighting, repetitive pattern) and name the trace
+# (checkerboard, banding, grid), so every paragraph's label equals the answer.
 
 GROUP_ORDER = ("Texture", "Lighting", "Edges", "Noise", "Frequency", "Colour")
 
-# thresholds from the measured spread of real crops (see tests/test_demo.py)
-PERIODIC_RATIO = 60.0
-BANDED_FILL = 0.3
-FLAT_SHARE = 0.3
-SMOOTH_DETAIL_PER_NOISE = 2.5
+# Trace thresholds, set from the measured spread of real crops (none of them reaches these).
+CHECKER_PEAK = 60.0
+GRID_PEAK = 30.0
+BLOCKY = 1.3
+BANDED_FILL = 0.45
+EVEN_NOISE = 0.45
+WHITE_SPECTRUM = 25.0
+
+Wordings = list[str]
 
 
-def _pick(rng: np.random.Generator, options: list[str]) -> str:
+def _pick(rng: np.random.Generator, options: Wordings) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def _real_sentences(t: Traces, rng: np.random.Generator) -> dict[str, str]:
-    sharp = t.detail > 6.0
-    return {
-        "Texture": _pick(rng, [
-            "Fine detail is dense and irregular, a realistic texture with sharp detail.",
-            "Surfaces vary in an irregular, natural way, a realistic texture throughout.",
-        ] if sharp else [
-            "Surfaces are soft but keep a realistic texture with natural variation.",
-            "Gentle surfaces still carry a realistic texture, free of repetitive pattern.",
-        ]),
-        "Lighting": _pick(rng, [
-            "Lighting is bright and consistent, with natural highlights.",
-            "Highlights and shadows are consistent with one natural light source.",
-        ] if t.brightness > 110 else [
-            "Lighting is dim but consistent, and the shadows fall in a natural way.",
-            "Shadows are deep yet consistent, lit by one natural source.",
-        ]),
-        "Edges": _pick(rng, [
-            "Edges are crisp and authentic, without any warping.",
-            "Boundaries show sharp detail with no blurry edges.",
-        ] if sharp else [
-            "Boundaries are soft from focus, yet authentic, with no visible artifacts.",
-            "Edges are gentle but consistent, without any warping.",
-        ]),
-        "Noise": _pick(rng, [
-            "Only faint natural noise is present, even across the frame.",
-            "Noise is low and consistent, the natural noise of a camera.",
-        ] if t.noise < 3.0 else [
-            "A fine grain of natural noise follows the scene content.",
-            "The grain is natural noise, consistent across the frame.",
-        ]),
-        "Frequency": _pick(rng, [
-            "The spectrum falls off smoothly with no checkerboard peaks.",
-            "High frequencies hold natural noise, without any repetitive pattern.",
-        ]),
-        "Colour": _pick(rng, [
-            "Colours shift in natural, continuous gradients, free of banding.",
-            "The palette is rich and natural with no banding.",
-        ]),
-    }
-
-
-def _fake_sentences(t: Traces) -> list[tuple[float, str, list[str]]]:
-    """(strength, group, wordings) for each trace the measurements show, strongest first."""
-    found: list[tuple[float, str, list[str]]] = []
-    periodic = t.peak_ratio / PERIODIC_RATIO
-    if periodic > 1 and t.peak_period < 2.5:
+def fake_evidence(t: Traces) -> list[tuple[float, str, Wordings]]:
+    """(strength, group, wordings) for each generator trace the measurements show, strongest
+    first; strength is the measurement over its threshold (> 1)."""
+    found: list[tuple[float, str, Wordings]] = []
+    checker = t.checker / CHECKER_PEAK
+    if checker > 1:
         found += [
-            (periodic, "Frequency", [
-                "A periodic checkerboard grid shows in the spectrum, an upsampling artifact.",
-                "Spectral peaks at the pixel grid reveal a checkerboard artifact.",
+            (checker, "Frequency", [
+                "A checkerboard peak sits at the pixel grid frequency, an upsampling artifact.",
+                "The spectrum shows a periodic checkerboard, a typical upsampling artifact.",
             ]),
-            (periodic * 0.9, "Texture", [
-                "Fine texture carries a faint checkerboard that looks synthetic.",
-                "Surfaces are covered by a synthetic grid of alternating pixels.",
-            ]),
-        ]
-    elif periodic > 1:
-        found += [
-            (periodic, "Frequency", [
-                "Strong periodic peaks form a repetitive pattern left by resampling.",
-                "The spectrum shows a repetitive pattern, a resampling artifact.",
-            ]),
-        ]
-    flat = t.flat_share / FLAT_SHARE
-    if flat > 1 and t.level_fill >= BANDED_FILL:
-        found += [
-            (flat, "Edges", [
-                "Edges are jagged and stair-stepped, an upsampling artifact.",
-                "Contours break into blocky steps, an unnatural artifact.",
-            ]),
-            (flat * 0.8, "Texture", [
-                "Texture is blocky, a repetitive pattern of duplicated pixels.",
-                "Pixels repeat in small blocks, a synthetic, repetitive pattern.",
+            (checker * 0.9, "Texture", [
+                "Fine texture is overlaid by a faint checkerboard that looks synthetic.",
+                "Surfaces carry a synthetic grid of alternating bright and dark pixels.",
             ]),
         ]
     banded = BANDED_FILL / max(t.level_fill, 1e-3)
     if banded > 1:
         found += [
             (banded, "Colour", [
-                "Gradients break into visible banding with few colour levels.",
-                "Colour banding replaces smooth gradients with flat steps.",
+                "Gradients break into banding with only a few colour levels, a synthetic look.",
+                "Colour banding replaces smooth gradients with flat steps, an artifact.",
             ]),
             (banded * 0.9, "Lighting", [
-                "Shading jumps between flat plateaus, an inconsistent lighting.",
-                "Light falloff is stepped, giving inconsistent lighting.",
+                "Shading jumps between flat plateaus, giving inconsistent lighting.",
+                "Light falloff is stepped rather than smooth: inconsistent lighting.",
             ]),
             (banded * 0.8, "Texture", [
-                "Surfaces collapse into flat, synthetic patches.",
-                "Texture is lost in overly smooth, posterised areas.",
+                "Surfaces collapse into flat patches covered by a dotted, synthetic pattern.",
+                "Texture is lost in posterised areas with a repetitive pattern of dots.",
             ]),
         ]
-    smooth = SMOOTH_DETAIL_PER_NOISE / max(t.detail / max(t.noise, 0.5), 1e-3)
-    if smooth > 1:
+    blocky = max(t.blockiness / BLOCKY, t.grid4 / GRID_PEAK) if banded <= 1 else 0.0
+    if blocky > 1:
         found += [
-            (smooth, "Texture", [
-                "Surfaces look overly smooth, with fine detail washed out.",
-                "Texture is overly smooth, as if painted over.",
+            (blocky, "Edges", [
+                "Edges are jagged and stair-stepped in 4-pixel blocks, an upsampling artifact.",
+                "Contours break into blocky steps, an unnatural resampling artifact.",
             ]),
-            (smooth * 0.9, "Noise", [
-                "The noise is uniform and synthetic, laid over a smooth base.",
-                "An even synthetic noise covers everything, unrelated to the content.",
+            (blocky * 0.9, "Frequency", [
+                "Pixels repeat in 4-pixel blocks, a repetitive pattern left by resampling.",
+                "A regular 4-pixel grid shows in the spectrum, a repetitive pattern.",
             ]),
-            (smooth * 0.8, "Edges", [
-                "Blurry edges: contours are soft and smeared.",
-                "Object outlines show blurry edges, an unnatural softness.",
+            (blocky * 0.8, "Texture", [
+                "Texture is blocky and coarse, as if synthetic pixels were duplicated.",
+                "Fine texture is missing, replaced by a repetitive pattern of blocks.",
             ]),
         ]
+    even = t.noise_evenness / EVEN_NOISE
+    if even > 1:
+        found += [
+            (even, "Texture", [
+                "Surfaces look overly smooth, as if painted over.",
+                "Texture is overly smooth, with small structures washed out.",
+            ]),
+            (even * 0.9, "Noise", [
+                "An even, synthetic noise covers flat and busy areas alike.",
+                "The noise is uniform and synthetic, laid over a smooth base.",
+            ]),
+            (even * 0.8, "Edges", [
+                "Outlines show blurry edges, an unnatural softness.",
+                "Contours are soft and smeared, with blurry edges throughout.",
+            ]),
+        ]
+    grid8 = t.grid8 / GRID_PEAK
+    if grid8 > 1:
+        found.append((grid8, "Frequency", [
+            "A faint 8-pixel grid repeats across the image, a decoder artifact.",
+            "The spectrum holds an 8-pixel repetitive pattern from the decoder.",
+        ]))
     return sorted(found, key=lambda item: -item[0])
 
 
-_FAKE_FALLBACK = {
+_FAKE_FALLBACK: dict[str, Wordings] = {
     "Lighting": ["The lighting looks flat and unnatural.", "Light falloff looks synthetic."],
     "Edges": ["Edges show a faint unnatural halo.", "Outlines look synthetic and slightly soft."],
     "Texture": ["Texture looks synthetic and uniform.", "Surfaces have an unnatural sameness."],
 }
 
 
+def real_evidence(t: Traces) -> dict[str, Wordings]:
+    """Real-evidence wordings per group, chosen by the measurements; a group whose measurement
+    looks like a generator trace is left out, so the text never contradicts the image."""
+    crisp = t.detail > 6.0
+    groups: dict[str, Wordings] = {
+        "Texture": [
+            "Detail is dense and varied, a realistic texture with fine detail.",
+            "Surfaces vary in a natural way, with realistic texture throughout.",
+        ] if crisp else [
+            "Surfaces are soft but keep a realistic texture with natural variation.",
+            "Gentle surfaces still carry realistic texture, without any repetitive pattern.",
+        ],
+        "Lighting": [
+            "Lighting is bright and consistent, with natural highlights.",
+            "Highlights and shadows are consistent with one natural light source.",
+        ] if t.brightness > 110 else [
+            "Lighting is dim but consistent, and the shadows fall in a natural way.",
+            "Shadows are deep yet consistent, lit by one natural source.",
+        ],
+        "Edges": [
+            "Edges are crisp and authentic, without any warping.",
+            "Boundaries hold fine detail with no blurry edges.",
+        ] if crisp else [
+            "Boundaries are soft from depth of field, with no visible artifacts.",
+            "Edges are gentle but consistent, without any warping.",
+        ],
+        "Noise": [
+            "Only faint, natural sensor noise is present.",
+            "Noise is low and consistent with a camera's sensor noise.",
+        ] if t.noise < 3.0 else [
+            "A fine natural grain follows the scene content, as sensor noise does.",
+            "The grain is natural, stronger in busy areas than in flat ones.",
+        ],
+    }
+    if max(t.checker / CHECKER_PEAK, t.grid4 / GRID_PEAK, t.grid8 / GRID_PEAK) <= 1:
+        groups["Frequency"] = [
+            "The spectrum falls off smoothly, with no periodic artifacts.",
+            "High frequencies hold only natural detail, without any repetitive pattern.",
+        ]
+    if t.level_fill > BANDED_FILL:
+        groups["Colour"] = [
+            "Colours shift in natural, continuous gradients, free of banding.",
+            "The palette is rich and natural, with no posterised steps.",
+        ]
+    return groups
+
+
 def write_reasoning(traces: Traces, label: str, rng: np.random.Generator) -> str:
     """3-4 `**Group**: ...` paragraphs from the measurements, then `### Answer: <label>`."""
     count = 3 + int(rng.integers(2))
+    paragraphs: dict[str, str] = {}
     if label == "real":
-        sentences = _real_sentences(traces, rng)
-        chosen = rng.choice(GROUP_ORDER, size=count, replace=False)
-        paragraphs = {group: sentences[group] for group in chosen}
+        groups = real_evidence(traces)
+        for group in rng.choice(sorted(groups), size=min(count, len(groups)), replace=False):
+            paragraphs[str(group)] = _pick(rng, groups[group])
     else:
-        paragraphs = {}
-        for _, group, wordings in _fake_sentences(traces):
-            if group not in paragraphs and len(paragraphs) < count:
-                paragraphs[group] = _pick(rng, wordings)
-        for group, wordings in _FAKE_FALLBACK.items():
+        evidence = [(group, wordings) for _, group, wordings in fake_evidence(traces)]
+        for group, wordings in evidence + list(_FAKE_FALLBACK.items()):
             if group not in paragraphs and len(paragraphs) < count:
                 paragraphs[group] = _pick(rng, wordings)
     body = [f"**{group}**: {paragraphs[group]}" for group in GROUP_ORDER if group in paragraphs]

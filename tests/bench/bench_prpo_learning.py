@@ -1,0 +1,161 @@
+"""Does PRPO learn? N steps of `dx train prpo` from a deliberately weak tiny instruct checkpoint.
+
+Run: python tests/bench/bench_prpo_learning.py [--steps 60] [--lr 2e-4] [--group-size 4] [--keep DIR]
+
+On the demo data (smaller than `dx demo`'s, for speed) with the cpu-tiny profile, offline:
+demo data -> align (6 steps) -> instruct cut short (`--instruct-steps`, so a good share of sampled
+answers are invalid or inconsistent) -> greedy eval on the test split -> PRPO (VCR off: no CLIP
+weights offline, so the reward is PCR alone) -> greedy eval again.
+
+Prints, from RUN/metrics.jsonl (one row per step, each the rollout of the weights *before* that
+step's update): mean PCR, final-paragraph PCR, invalid rate and reward at step 0 (the first
+rollout), the mean of the first 5 and the mean of the last 5 steps; then F1, invalid rate and
+final-paragraph consistency of the greedy test answers before and after. Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROLLOUT_KEYS = ("pcr", "final_pcr", "invalid_rate", "reward", "answer_accuracy", "response_tokens")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="PRPO steps")
+    parser.add_argument("--lr", type=float, default=2e-4, help="prpo.lr")
+    parser.add_argument("--group-size", type=int, default=4, help="prpo.group_size (G)")
+    parser.add_argument("--images-per-step", type=int, default=2, help="prpo.images_per_step")
+    parser.add_argument("--temperature", type=float, default=1.0, help="prpo.temperature")
+    parser.add_argument("--top-p", type=float, default=0.9, help="prpo.top_p")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="prpo.max_new_tokens")
+    parser.add_argument("--instruct-steps", type=int, default=80, help="instruct optimizer steps (weak on purpose)")
+    parser.add_argument("--n-train", type=int, default=100, help="demo train images per domain")
+    parser.add_argument("--n-test", type=int, default=24, help="demo test images per domain")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="extra --set for the PRPO run")
+    parser.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temp folder)")
+    return parser.parse_args()
+
+
+def quiet(*_: object) -> None:
+    pass
+
+
+def build_weak_instruct(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+    """Demo data, align, and an instruct run stopped early; returns (data, instruct model)."""
+    from dxcli import config
+    from dxcli.data.demo import make_demo
+    from dxcli.training.stages import run_sft_stage
+
+    data = work / "data"
+    if not (data / "reasoning.jsonl").is_file():
+        make_demo(data, seed=0, n_train=args.n_train, n_val=4, n_test=args.n_test, overwrite=True)
+    common = ["hardware.num_workers=0"]
+    align = work / "align" / "model"
+    if not (align / "config.json").is_file():
+        run_sft_stage("align", out=work / "align", data=data, say=quiet, force=True,
+                      resolved=config.resolve("cpu-tiny", [*common, "train.max_steps=6"]))
+    instruct = work / f"instruct-{args.instruct_steps}" / "model"
+    if not (instruct / "config.json").is_file():
+        run_sft_stage("instruct", out=instruct.parent, data=data, model=str(align), say=quiet, force=True,
+                      resolved=config.resolve("cpu-tiny", [*common, f"train.max_steps={args.instruct_steps}"]))
+    return data, instruct
+
+
+def evaluate(model: Path, questions: Path, data: Path, out: Path) -> dict[str, float]:
+    """Greedy answers on the test questions: F1, invalid rate, final-paragraph consistency."""
+    from dxcli import config
+    from dxcli.evaluation.infer import run_infer
+    from dxcli.evaluation.score import score_file
+    from dxcli.jsonio import iter_jsonl
+    from dxcli.rl.rewards import score_response
+
+    out.unlink(missing_ok=True)
+    run_infer(model=str(model), questions=questions, images=data, out=out, config=config.resolve("cpu-tiny").config)
+    overall = score_file(out)["overall"]
+    scores = [score_response(row["text"] or "") for row in iter_jsonl(out)]
+    final_pcr = [s.pcr[s.final_index] for s in scores]
+    return {"f1": overall["f1"], "accuracy": overall["accuracy"], "invalid_rate": overall["invalid_rate"],
+            "final_pcr": sum(final_pcr) / len(final_pcr)}
+
+
+def run_prpo(work: Path, data: Path, instruct: Path, args: argparse.Namespace) -> tuple[Path, list[dict]]:
+    from dxcli import config
+    from dxcli.training.stages import run_prpo_stage
+
+    sets = ["hardware.num_workers=0", "train.log_every=1", "prpo.algo=prpo", "prpo.epochs=100",
+            f"train.max_steps={args.steps}", f"prpo.lr={args.lr}", f"prpo.group_size={args.group_size}",
+            f"prpo.images_per_step={args.images_per_step}", f"prpo.temperature={args.temperature}",
+            f"prpo.top_p={args.top_p}", f"prpo.max_new_tokens={args.max_new_tokens}",
+            f"hardware.micro_batch={args.group_size * args.images_per_step}", *args.sets]
+    run = work / "prpo"
+    model = run_prpo_stage(out=run, resolved=config.resolve("cpu-tiny", sets), model=str(instruct), data=data,
+                           force=True, say=quiet)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return model, rows
+
+
+def window_mean(rows: list[dict], key: str) -> float:
+    values = [r[key] for r in rows if key in r]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def main() -> int:
+    args = parse_args()
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        seconds: dict[str, float] = {}
+
+        t = time.time()
+        data, instruct = build_weak_instruct(work, args)
+        seconds["data+align+instruct"] = time.time() - t
+
+        from dxcli.data.questions import generate_questions
+        from dxcli.jsonio import write_jsonl_atomic
+
+        questions = work / "questions.jsonl"
+        write_jsonl_atomic(questions, generate_questions(data, n=None, seed=0, balanced=False, split="test")[0])
+        t = time.time()
+        before = evaluate(instruct, questions, data, work / "answers-before.jsonl")
+        seconds["eval before"] = time.time() - t
+
+        t = time.time()
+        model, rows = run_prpo(work, data, instruct, args)
+        seconds["prpo"] = time.time() - t
+
+        t = time.time()
+        after = evaluate(model, questions, data, work / "answers-after.jsonl")
+        seconds["eval after"] = time.time() - t
+
+    windows = {"step 0": rows[:1], "first 5": rows[:5], "last 5": rows[-5:]}
+    rollout = {name: {k: window_mean(part, k) for k in ROLLOUT_KEYS} for name, part in windows.items()}
+    print(f"\nPRPO from a weak instruct ({args.instruct_steps} steps): {len(rows)} steps, G={args.group_size}, "
+          f"{args.images_per_step} images/step, lr={args.lr}, T={args.temperature}, top_p={args.top_p}, "
+          f"max_new_tokens={args.max_new_tokens}, VCR off; {time.time() - started:.0f} s total")
+    print(f"{'rollouts (sampled)':<20}" + "".join(f"{k:>17}" for k in ROLLOUT_KEYS))
+    for name, values in rollout.items():
+        print(f"{name:<20}" + "".join(f"{values[k]:>17.3f}" for k in ROLLOUT_KEYS))
+    print(f"\n{'test split (greedy)':<20}" + "".join(f"{k:>14}" for k in before))
+    for name, values in (("before", before), ("after", after)):
+        print(f"{name:<20}" + "".join(f"{values[k]:>14.3f}" for k in values))
+    print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    print(json.dumps({"bench": "prpo_learning", "steps": len(rows), "lr": args.lr, "group_size": args.group_size,
+                      "images_per_step": args.images_per_step, "temperature": args.temperature,
+                      "top_p": args.top_p, "instruct_steps": args.instruct_steps, "rollout": rollout,
+                      "eval_before": before, "eval_after": after,
+                      "seconds": {k: round(v, 1) for k, v in seconds.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The one config system: precedence, validation, profiles, and a CLI that starts instantly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from dxcli import config
+from dxcli.cli.main import app
+from dxcli.errors import UsageError
+
+runner = CliRunner()
+
+
+def test_precedence_defaults_profile_set_flag(tmp_path):
+    profile = tmp_path / "mine.yaml"
+    profile.write_text("train:\n  max_steps: 7\n  seed: 3\n")
+    resolved = config.resolve(str(profile), ["train.seed=5", "eval.batch_size=4"], {"eval.batch_size": 9})
+    c, s = resolved.config, resolved.sources
+    assert (c.train.max_steps, s["train.max_steps"]) == (7, f"profile {profile}")
+    assert (c.train.seed, s["train.seed"]) == (5, "--set")
+    assert (c.eval.batch_size, s["eval.batch_size"]) == (9, "flag")
+    assert (c.train.warmup_ratio, s["train.warmup_ratio"]) == (0.03, "default")
+
+
+def test_unknown_keys_suggest_the_close_match(tmp_path):
+    with pytest.raises(UsageError, match="did you mean 'train.max_steps'"):
+        config.resolve(None, ["train.max_step=3"])
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("hardwre:\n  zero_stage: 3\n")
+    with pytest.raises(UsageError, match="did you mean 'hardware'"):
+        config.resolve(str(typo))
+    with pytest.raises(UsageError, match="did you mean 'cpu-tiny'"):
+        config.resolve("cpu-tiyn")
+
+
+@pytest.mark.parametrize("item,message", [
+    ("train.max_steps=abc", "train.max_steps: expected an integer"),
+    ("instruct.lr=fast", "instruct.lr: expected a number"),
+    ("train.grad_checkpointing=maybe", "train.grad_checkpointing: expected true/false"),
+    ("hardware.precision=fp8", "precision: must be one of"),
+    ("prpo.algo=ppo", "algo: must be one of"),
+    ("model.tiny.vision_dims=3", "model.tiny.vision_dims: expected a list"),
+    ("train.seed", "--set expects key.sub=value"),
+])
+def test_values_are_typed(item, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(")):
+        config.resolve(None, [item])
+
+
+def test_numbers_lists_and_null_parse_from_set():
+    c = config.resolve(None, ["instruct.lr=1e-4", "model.tiny.vision_dims=[8,16,32,64]", "model.vision_weights=null",
+                              "align.epochs=2"]).config
+    assert c.instruct.lr == 1e-4 and c.model.tiny.vision_dims == [8, 16, 32, 64] and c.align.epochs == 2.0
+
+
+def test_every_shipped_profile_resolves_and_roundtrips(tmp_path):
+    names = config.list_profiles()
+    assert {"cpu-tiny", "h100x2", "h200x8"} <= set(names)
+    for name in names:
+        resolved = config.resolve(name)
+        saved = tmp_path / f"{name}.yaml"
+        config.save(resolved.config, saved)
+        assert config.load(saved) == resolved.config
+    assert config.resolve("h100x2").config.hardware.zero_stage == 3
+    assert config.resolve("cpu-tiny").config.model.preset == "tiny"
+
+
+def test_profiles_are_shipped_inside_the_package():
+    packaged = Path(config.profiles_dir())
+    repo = Path(__file__).resolve().parents[1] / "profiles"
+    for path in repo.glob("*.yaml"):
+        assert (packaged / path.name).read_text() == path.read_text()
+        assert isinstance(yaml.safe_load(path.read_text()), dict)
+
+
+def test_profiles_cli_list_and_show():
+    listed = runner.invoke(app, ["profiles", "list"])
+    assert listed.exit_code == 0 and "h200x8" in listed.output
+    shown = runner.invoke(app, ["profiles", "show", "cpu-tiny", "--set", "train.max_steps=4"], terminal_width=200)
+    assert shown.exit_code == 0
+    assert "train.max_steps" in shown.output and "--set" in shown.output and "profile cpu-tiny" in shown.output
+    bad = runner.invoke(app, ["profiles", "show", "cpu-tiny", "--set", "train.max_stepz=4"])
+    assert bad.exit_code == 2 and "did you mean" in bad.output
+
+
+def test_help_is_instant_and_imports_no_torch():
+    code = ("import sys, time; t = time.time(); from dxcli.cli.main import app; "
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy', 'sklearn', 'PIL', 'deepspeed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    help_ = subprocess.run([sys.executable, "-m", "dxcli", "--help"], capture_output=True, text=True)
+    assert help_.returncode == 0
+    for group in ("dataset", "questions", "train", "eval", "detect", "profiles", "demo"):
+        assert group in help_.stdout
+
+
+def test_every_command_has_an_example_in_its_help():
+    import typer.main
+
+    root = typer.main.get_command(app)
+
+    def walk(command, path):
+        if hasattr(command, "commands"):
+            for name, sub in command.commands.items():
+                yield from walk(sub, path + [name])
+        else:
+            yield path, command
+
+    commands = list(walk(root, []))
+    assert len(commands) >= 14
+    for path, command in commands:
+        assert "Example: dx" in (command.help or ""), " ".join(path)
