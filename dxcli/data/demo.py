@@ -380,138 +380,166 @@ def _noise_evenness(grey: np.ndarray) -> float:
 
 GROUP_ORDER = ("Texture", "Lighting", "Edges", "Noise", "Frequency", "Colour")
 
-# Trace thresholds, set from the measured spread of real crops (none of them reaches these).
-CHECKER_PEAK = 60.0
-GRID_PEAK = 30.0
-BLOCKY = 1.3
-BANDED_FILL = 0.45
-EVEN_NOISE = 0.45
-WHITE_SPECTRUM = 25.0
+# Trace thresholds from the measured spread over real crops at 96 px: the checkerboard and
+# banding ones are never reached by a real crop, the grid ones rarely (regular roof tiles and
+# windows); a real crop over any of them gets no Frequency paragraph.
+CHECKER = 0.03  # reals <= 0.011, gan fakes >= 0.09
+GRID4 = 0.03  # reals <= 0.025, resample fakes >= 0.04
+GRID8 = 0.025  # reals: median 0.008, 1 in 10 above; diffusion fakes >= 0.026
+BLOCKY = 1.3  # reals <= 1.25
+BANDED_FILL = 0.45  # reals >= 0.52, banding fakes <= 0.37
+EVEN_NOISE = 0.45  # reals: median 0.02, 1 in 20 above; diffusion fakes >= 0.48
+CRISP_DETAIL = 6.0
+FAINT_NOISE = 3.0  # diffusion fakes >= 3.9
+BRIGHT = 110.0
 
 Wordings = list[str]
+Evidence = list[tuple[float, str, Wordings]]
 
 
 def _pick(rng: np.random.Generator, options: Wordings) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def fake_evidence(t: Traces) -> list[tuple[float, str, Wordings]]:
+def fake_evidence(t: Traces) -> Evidence:
     """(strength, group, wordings) for each generator trace the measurements show, strongest
     first; strength is the measurement over its threshold (> 1)."""
-    found: list[tuple[float, str, Wordings]] = []
-    checker = t.checker / CHECKER_PEAK
-    if checker > 1:
-        found += [
-            (checker, "Frequency", [
-                "A checkerboard peak sits at the pixel grid frequency, an upsampling artifact.",
-                "The spectrum shows a periodic checkerboard, a typical upsampling artifact.",
-            ]),
-            (checker * 0.9, "Texture", [
-                "Fine texture is overlaid by a faint checkerboard that looks synthetic.",
-                "Surfaces carry a synthetic grid of alternating bright and dark pixels.",
-            ]),
-        ]
+    checker = t.checker / CHECKER
     banded = BANDED_FILL / max(t.level_fill, 1e-3)
+    blocky = max(t.blockiness / BLOCKY, t.grid4 / GRID4) if banded <= 1 else 0.0
+    renoised = max(checker, banded) <= 1 and t.noise > FAINT_NOISE
+    even = t.noise_evenness / EVEN_NOISE if renoised else 0.0
+    found: Evidence = []
+    if checker > 1:
+        found += _checkerboard_evidence(checker)
     if banded > 1:
-        found += [
-            (banded, "Colour", [
-                "Gradients break into banding with only a few colour levels, a synthetic look.",
-                "Colour banding replaces smooth gradients with flat steps, an artifact.",
-            ]),
-            (banded * 0.9, "Lighting", [
-                "Shading jumps between flat plateaus, giving inconsistent lighting.",
-                "Light falloff is stepped rather than smooth: inconsistent lighting.",
-            ]),
-            (banded * 0.8, "Texture", [
-                "Surfaces collapse into flat patches covered by a dotted, synthetic pattern.",
-                "Texture is lost in posterised areas with a repetitive pattern of dots.",
-            ]),
-        ]
-    blocky = max(t.blockiness / BLOCKY, t.grid4 / GRID_PEAK) if banded <= 1 else 0.0
+        found += _banding_evidence(banded)
     if blocky > 1:
-        found += [
-            (blocky, "Edges", [
-                "Edges are jagged and stair-stepped in 4-pixel blocks, an upsampling artifact.",
-                "Contours break into blocky steps, an unnatural resampling artifact.",
-            ]),
-            (blocky * 0.9, "Frequency", [
-                "Pixels repeat in 4-pixel blocks, a repetitive pattern left by resampling.",
-                "A regular 4-pixel grid shows in the spectrum, a repetitive pattern.",
-            ]),
-            (blocky * 0.8, "Texture", [
-                "Texture is blocky and coarse, as if synthetic pixels were duplicated.",
-                "Fine texture is missing, replaced by a repetitive pattern of blocks.",
-            ]),
-        ]
-    even = t.noise_evenness / EVEN_NOISE
-    if even > 1:
-        found += [
-            (even, "Texture", [
-                "Surfaces look overly smooth, as if painted over.",
-                "Texture is overly smooth, with small structures washed out.",
-            ]),
-            (even * 0.9, "Noise", [
-                "An even, synthetic noise covers flat and busy areas alike.",
-                "The noise is uniform and synthetic, laid over a smooth base.",
-            ]),
-            (even * 0.8, "Edges", [
-                "Outlines show blurry edges, an unnatural softness.",
-                "Contours are soft and smeared, with blurry edges throughout.",
-            ]),
-        ]
-    grid8 = t.grid8 / GRID_PEAK
-    if grid8 > 1:
-        found.append((grid8, "Frequency", [
-            "A faint 8-pixel grid repeats across the image, a decoder artifact.",
-            "The spectrum holds an 8-pixel repetitive pattern from the decoder.",
+        found += _block_evidence(blocky)
+    if t.grid8 > GRID8:
+        found.append((t.grid8 / GRID8, "Frequency", [
+            "A faint grid repeats every 8 pixels across the whole image, a decoder artifact.",
+            "The spectrum holds an 8-pixel repetitive pattern, left by the image decoder.",
         ]))
+    if even > 1:
+        found += _renoise_evidence(even)
     return sorted(found, key=lambda item: -item[0])
 
 
+def _checkerboard_evidence(strength: float) -> Evidence:
+    return [
+        (strength, "Frequency", [
+            "Neighbouring pixels alternate in brightness, a checkerboard upsampling artifact.",
+            "A periodic checkerboard sits at the pixel grid frequency, a typical upsampling "
+            "artifact.",
+        ]),
+        (strength * 0.9, "Texture", [
+            "Fine texture is overlaid by a faint checkerboard that looks synthetic.",
+            "Surfaces carry a synthetic grid of alternating bright and dark pixels.",
+        ]),
+    ]
+
+
+def _banding_evidence(strength: float) -> Evidence:
+    return [
+        (strength, "Colour", [
+            "Gradients break into banding with only a few colour levels, a synthetic look.",
+            "Colour banding replaces smooth gradients with flat steps, a clear artifact.",
+        ]),
+        (strength * 0.9, "Lighting", [
+            "Shading jumps between flat plateaus instead of falling off, giving inconsistent "
+            "lighting.",
+            "Light falloff is stepped rather than smooth, an inconsistent lighting.",
+        ]),
+        (strength * 0.8, "Texture", [
+            "Surfaces collapse into flat patches covered by a dotted, synthetic pattern.",
+            "Texture is lost in posterised areas with a repetitive pattern of dots.",
+        ]),
+    ]
+
+
+def _block_evidence(strength: float) -> Evidence:
+    return [
+        (strength, "Edges", [
+            "Edges are jagged and stair-stepped in 4-pixel blocks, an upsampling artifact.",
+            "Contours break into blocky steps, an unnatural resampling artifact.",
+        ]),
+        (strength * 0.9, "Frequency", [
+            "Pixels repeat in 4-pixel blocks, a repetitive pattern left by resampling.",
+            "A regular 4-pixel grid covers the image, a repetitive pattern from upsampling.",
+        ]),
+        (strength * 0.8, "Texture", [
+            "Texture is blocky and coarse, as if synthetic pixels were duplicated.",
+            "Fine structure is missing, replaced by a repetitive pattern of blocks.",
+        ]),
+    ]
+
+
+def _renoise_evidence(strength: float) -> Evidence:
+    return [
+        (strength, "Texture", [
+            "Surfaces look overly smooth, as if small structures were painted over.",
+            "Texture is overly smooth, with small structures washed out.",
+        ]),
+        (strength * 0.9, "Noise", [
+            "An even, synthetic noise covers flat and busy areas alike.",
+            "The noise is uniform and synthetic, laid over a smooth base.",
+        ]),
+        (strength * 0.8, "Edges", [
+            "Outlines show blurry edges, an unnatural softness for this scene.",
+            "Contours are soft and smeared, with blurry edges throughout.",
+        ]),
+    ]
+
+
+# For a fake whose measurements show fewer traces than the text needs (a flat, dark crop).
 _FAKE_FALLBACK: dict[str, Wordings] = {
-    "Lighting": ["The lighting looks flat and unnatural.", "Light falloff looks synthetic."],
-    "Edges": ["Edges show a faint unnatural halo.", "Outlines look synthetic and slightly soft."],
-    "Texture": ["Texture looks synthetic and uniform.", "Surfaces have an unnatural sameness."],
+    "Lighting": ["The lighting looks flat and unnatural for this scene.",
+                 "Light falloff looks synthetic, too even across the frame."],
+    "Edges": ["Edges show a faint unnatural halo.",
+              "Outlines look synthetic and slightly soft."],
+    "Texture": ["Texture looks synthetic and uniform, without real variation.",
+                "Surfaces have an unnatural sameness."],
 }
 
 
 def real_evidence(t: Traces) -> dict[str, Wordings]:
     """Real-evidence wordings per group, chosen by the measurements; a group whose measurement
     looks like a generator trace is left out, so the text never contradicts the image."""
-    crisp = t.detail > 6.0
+    crisp = t.detail > CRISP_DETAIL
     groups: dict[str, Wordings] = {
         "Texture": [
-            "Detail is dense and varied, a realistic texture with fine detail.",
+            "Detail is dense and varied, a realistic texture with fine detail everywhere.",
             "Surfaces vary in a natural way, with realistic texture throughout.",
         ] if crisp else [
             "Surfaces are soft but keep a realistic texture with natural variation.",
             "Gentle surfaces still carry realistic texture, without any repetitive pattern.",
         ],
         "Lighting": [
-            "Lighting is bright and consistent, with natural highlights.",
+            "Lighting is bright and consistent, with natural highlights and shadows.",
             "Highlights and shadows are consistent with one natural light source.",
-        ] if t.brightness > 110 else [
+        ] if t.brightness > BRIGHT else [
             "Lighting is dim but consistent, and the shadows fall in a natural way.",
             "Shadows are deep yet consistent, lit by one natural source.",
         ],
         "Edges": [
-            "Edges are crisp and authentic, without any warping.",
-            "Boundaries hold fine detail with no blurry edges.",
+            "Edges are crisp and authentic, with no halo and no warping.",
+            "Boundaries hold fine detail, with no blurry edges anywhere.",
         ] if crisp else [
             "Boundaries are soft from depth of field, with no visible artifacts.",
             "Edges are gentle but consistent, without any warping.",
         ],
         "Noise": [
-            "Only faint, natural sensor noise is present.",
+            "Only faint, natural sensor noise is present, as a camera leaves it.",
             "Noise is low and consistent with a camera's sensor noise.",
-        ] if t.noise < 3.0 else [
+        ] if t.noise < FAINT_NOISE else [
             "A fine natural grain follows the scene content, as sensor noise does.",
             "The grain is natural, stronger in busy areas than in flat ones.",
         ],
     }
-    if max(t.checker / CHECKER_PEAK, t.grid4 / GRID_PEAK, t.grid8 / GRID_PEAK) <= 1:
+    if max(t.checker / CHECKER, t.grid4 / GRID4, t.grid8 / GRID8, t.blockiness / BLOCKY) <= 1:
         groups["Frequency"] = [
-            "The spectrum falls off smoothly, with no periodic artifacts.",
+            "The spectrum falls off smoothly, with no periodic artifacts from upsampling.",
             "High frequencies hold only natural detail, without any repetitive pattern.",
         ]
     if t.level_fill > BANDED_FILL:
@@ -524,7 +552,7 @@ def real_evidence(t: Traces) -> dict[str, Wordings]:
 
 def write_reasoning(traces: Traces, label: str, rng: np.random.Generator) -> str:
     """3-4 `**Group**: ...` paragraphs from the measurements, then `### Answer: <label>`."""
-    count = 3 + int(rng.integers(2))
+    count = 4 if rng.random() < 0.7 else 3
     paragraphs: dict[str, str] = {}
     if label == "real":
         groups = real_evidence(traces)

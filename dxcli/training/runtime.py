@@ -48,6 +48,10 @@ def init_distributed() -> Dist:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     use_cpu_accelerator_if_no_gpu()
+    import warnings
+
+    # torch's deprecation notices for the collectives DeepSpeed calls, once per call per rank
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     import deepspeed
     import torch
 
