@@ -37,36 +37,32 @@ def _sft(stage: str, data, images, model, out, profile, sets, resume, force, ski
     console.print(f"[green]{stage} done[/]: model in {saved}, metrics in {out / 'metrics.jsonl'}")
 
 
-@app.command()
-def align(
-    out: OutOpt, data: DataOpt = None, images: ImagesOpt = None, model: ModelOpt = None,
-    profile: ProfileOpt = DEFAULT_PROFILE_NAME, sets: SetOpt = None, resume: ResumeOpt = False,
-    force: ForceOpt = False, skip_bad: SkipBadOpt = False, nproc_per_node: NprocOpt = None,
-    nnodes: NnodesOpt = None, node_rank: NodeRankOpt = 0, master_addr: MasterOpt = "127.0.0.1",
-    master_port: PortOpt = None, hostfile: HostfileOpt = None,
-) -> None:
-    """Stage 1, feature alignment: only the projector and binary head learn.
+def _sft_command(stage: str, doc: str):
+    """align and instruct take the same flags; only the stage differs."""
+
+    def command(
+        out: OutOpt, data: DataOpt = None, images: ImagesOpt = None, model: ModelOpt = None,
+        profile: ProfileOpt = DEFAULT_PROFILE_NAME, sets: SetOpt = None, resume: ResumeOpt = False,
+        force: ForceOpt = False, skip_bad: SkipBadOpt = False, nproc_per_node: NprocOpt = None,
+        nnodes: NnodesOpt = None, node_rank: NodeRankOpt = 0, master_addr: MasterOpt = "127.0.0.1",
+        master_port: PortOpt = None, hostfile: HostfileOpt = None,
+    ) -> None:
+        _sft(stage, data, images, model, out, profile, sets, resume, force, skip_bad, nproc_per_node, nnodes,
+             node_rank, master_addr, master_port, hostfile)
+
+    command.__doc__ = doc
+    command.__name__ = stage
+    return command
+
+
+app.command("align")(_sft_command("align", """Stage 1, feature alignment: only the projector and binary head learn.
 
     Example: dx train align --data demo-data --out runs/align --profile cpu-tiny
-    """
-    _sft("align", data, images, model, out, profile, sets, resume, force, skip_bad, nproc_per_node, nnodes,
-         node_rank, master_addr, master_port, hostfile)
-
-
-@app.command()
-def instruct(
-    out: OutOpt, data: DataOpt = None, images: ImagesOpt = None, model: ModelOpt = None,
-    profile: ProfileOpt = DEFAULT_PROFILE_NAME, sets: SetOpt = None, resume: ResumeOpt = False,
-    force: ForceOpt = False, skip_bad: SkipBadOpt = False, nproc_per_node: NprocOpt = None,
-    nnodes: NnodesOpt = None, node_rank: NodeRankOpt = 0, master_addr: MasterOpt = "127.0.0.1",
-    master_port: PortOpt = None, hostfile: HostfileOpt = None,
-) -> None:
-    """Stage 2, visual instruction tuning: projector, LLM and head learn (L = L_lm + alpha * L_bin).
+    """))
+app.command("instruct")(_sft_command("instruct", """Stage 2, visual instruction tuning: projector, LLM and head learn (L = L_lm + alpha * L_bin).
 
     Example: dx train instruct --data demo-data --model runs/align --out runs/instruct --profile cpu-tiny
-    """
-    _sft("instruct", data, images, model, out, profile, sets, resume, force, skip_bad, nproc_per_node, nnodes,
-         node_rank, master_addr, master_port, hostfile)
+    """))
 
 
 @app.command()
