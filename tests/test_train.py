@@ -163,3 +163,26 @@ def test_bad_images_stop_training_unless_skipped(tmp_path, demo_root):
     assert victim.name in str(err.value) and "--skip-bad" in str(err.value)
     prepared = prepare_records(tree, None, tmp_path, skip_bad=True)
     assert len(prepared.skipped) == 1 and prepared.skipped[0][0].endswith(victim.name)
+
+
+def test_ctrl_c_stops_every_worker(tmp_path, demo_root, trained):
+    import signal
+    import time
+
+    import psutil
+
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dxcli", "train", "align", "--data", str(demo_root), "--model", str(trained["align"]),
+         "--out", str(out), "--nproc-per-node", "2", "--set", "train.epochs=50", "--set", "hardware.num_workers=0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.5)
+    assert (out / "metrics.jsonl").exists(), "training never started"
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert len(workers) >= 3  # torchrun and its two workers
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) != 0
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
