@@ -4,7 +4,6 @@ PRPO lexicon, measured generator traces, and separability by a tiny CNN trained 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -122,10 +121,10 @@ def test_texts_vary_between_images(small_demo):
 
 
 TRACE_WORDS = {  # what each domain's fake texts name, from that domain's measured trace
-    "gan": "checkerboard",
-    "diffusion": "8-pixel",
-    "banding": "banding",
-    "resample": "4-pixel",
+    "gan": ("checkerboard",),
+    "diffusion": ("8-pixel", "8 pixels", "overly smooth"),
+    "banding": ("banding",),
+    "resample": ("4-pixel", "block"),
 }
 
 
@@ -135,9 +134,11 @@ def test_fake_texts_name_the_trace_measured_on_their_image(small_demo):
         domain, _, label = rel.split("/")[:3]
         traces = measure(np.asarray(Image.open(root / rel)))
         if label == "fake":
-            assert TRACE_WORDS[domain] in text, (rel, traces, text)
+            assert any(word in text for word in TRACE_WORDS[domain]), (rel, traces, text)
         else:
-            assert not any(word in text for word in ("checkerboard", "8-pixel", "4-pixel"))
+            named = [w for words in TRACE_WORDS.values() for w in words if w in text]
+            assert named in ([], ["banding"]), text  # real texts say "free of banding" at most
+            assert "banding" not in text or "free of banding" in text
             assert traces.checker < demo.CHECKER and traces.level_fill > demo.BANDED_FILL
 
 
@@ -202,12 +203,26 @@ def load_split(root: Path, split: str):
 
 
 def test_a_tiny_randomly_initialised_convnext_separates_real_from_fake(small_demo):
-    """The traces are plain enough for a 0.27M-parameter ConvNeXt trained for seconds on CPU."""
+    """The traces are plain enough for a 0.27M-parameter ConvNeXt trained for seconds on CPU
+    (100 steps: about 6 s on one idle core)."""
+    import torch
+
+    root, _ = small_demo
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on 2 shared cores, 2 threads can be 20x slower than 1
+    try:
+        steps, auc, per_domain = train_and_score(root)
+    finally:
+        torch.set_num_threads(threads)
+    assert auc >= 0.9, (steps, auc, per_domain)
+
+
+def train_and_score(root: Path, steps: int = 100) -> tuple[int, float, dict[str, float]]:
+    """Train on the train split (AdamW, batch 32, no augmentation); ROC-AUC on the test split."""
     import timm
     import torch
     from sklearn.metrics import roc_auc_score
 
-    root, _ = small_demo
     torch.manual_seed(0)
     x_train, y_train, _ = load_split(root, "train")
     x_test, y_test, domains = load_split(root, "test")
@@ -215,19 +230,17 @@ def test_a_tiny_randomly_initialised_convnext_separates_real_from_fake(small_dem
                               depths=(1, 1, 2, 1), dims=(16, 32, 64, 128))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     order = torch.Generator().manual_seed(0)
-    started, steps = time.perf_counter(), 0
-    while steps < 150 and time.perf_counter() - started < 20:
+    for _ in range(steps):
         batch = torch.randperm(len(x_train), generator=order)[:32]
         logits = model(x_train[batch]).squeeze(1)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y_train[batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        steps += 1
     model.eval()
     with torch.no_grad():
         scores = model(x_test).squeeze(1).numpy()
     auc = roc_auc_score(y_test.numpy(), scores)
     per_domain = {d: roc_auc_score(y_test.numpy()[np.array(domains) == d],
                                    scores[np.array(domains) == d]) for d in DOMAINS}
-    assert auc >= 0.9, (steps, auc, per_domain)
+    return steps, auc, per_domain
