@@ -85,7 +85,9 @@ def merge_outputs(out: Path) -> int:
 def answer_row(question: dict, text: str | None, head_prob: float | None, model_name: str,
                error: str | None = None) -> dict[str, Any]:
     row = {"question_id": question["question_id"], "image": question["image"], "domain": question.get("domain"),
-           "label": question["label"], "text": text, "predict": parse_answer(text), "head_prob": head_prob,
+           "label": question["label"], "text": text, "predict": parse_answer(text),
+           # 4 decimals: batch composition changes the last float bits, and a resumed run must match
+           "head_prob": None if head_prob is None else round(head_prob, 4),
            "model": model_name}
     if error:
         row["error"] = error

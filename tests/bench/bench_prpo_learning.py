@@ -87,17 +87,46 @@ def evaluate(model: Path, questions: Path, data: Path, out: Path) -> dict[str, f
             "final_pcr": sum(final_pcr) / len(final_pcr)}
 
 
-def run_prpo(work: Path, data: Path, instruct: Path, args: argparse.Namespace) -> tuple[Path, list[dict]]:
-    from dxcli import config
-    from dxcli.training.stages import run_prpo_stage
+def sampled_eval(model: Path, data: Path, args: argparse.Namespace, chunk: int = 16) -> dict[str, float]:
+    """G samples per test image at the training temperature, scored by the PRPO rollout itself
+    (same PCR / invalid definitions as metrics.jsonl): far less noisy than a few training steps."""
+    import torch
 
-    sets = ["hardware.num_workers=0", "train.log_every=1", "prpo.algo=prpo", "prpo.epochs=100",
+    from dxcli import config
+    from dxcli.data.questions import generate_questions
+    from dxcli.model import load_checkpoint
+    from dxcli.rl.prpo import rollout
+    from dxcli.rl.rewards import load_lexicon
+    from dxcli.training.sft_data import load_rgb
+
+    torch.set_num_threads(1)
+    cfg = config.resolve("cpu-tiny", prpo_sets(args)).config.prpo
+    bundle = load_checkpoint(model)
+    questions = generate_questions(data, n=None, seed=0, balanced=False, split="test")[0]
+    totals: dict[str, float] = {}
+    for start in range(0, len(questions), chunk):
+        batch = questions[start:start + chunk]
+        roll = rollout(bundle, [load_rgb(data / q["image"]) for q in batch], [q["text"] for q in batch],
+                       [q["label"] for q in batch], cfg=cfg, clip=None, lexicon=load_lexicon(), seed=start)
+        for key in ROLLOUT_KEYS:
+            totals[key] = totals.get(key, 0.0) + roll.stats[key] * len(batch)
+    return {key: value / len(questions) for key, value in totals.items()}
+
+
+def prpo_sets(args: argparse.Namespace) -> list[str]:
+    return ["hardware.num_workers=0", "train.log_every=1", "prpo.algo=prpo", "prpo.epochs=100",
             f"train.max_steps={args.steps}", f"prpo.lr={args.lr}", f"prpo.group_size={args.group_size}",
             f"prpo.images_per_step={args.images_per_step}", f"prpo.temperature={args.temperature}",
             f"prpo.top_p={args.top_p}", f"prpo.max_new_tokens={args.max_new_tokens}",
             f"hardware.micro_batch={args.group_size * args.images_per_step}", *args.sets]
+
+
+def run_prpo(work: Path, data: Path, instruct: Path, args: argparse.Namespace) -> tuple[Path, list[dict]]:
+    from dxcli import config
+    from dxcli.training.stages import run_prpo_stage
+
     run = work / "prpo"
-    model = run_prpo_stage(out=run, resolved=config.resolve("cpu-tiny", sets), model=str(instruct), data=data,
+    model = run_prpo_stage(out=run, resolved=config.resolve("cpu-tiny", prpo_sets(args)), model=str(instruct), data=data,
                            force=True, say=quiet)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return model, rows
