@@ -1,16 +1,27 @@
 """Does PRPO learn? N steps of `dx train prpo` from a deliberately weak tiny instruct checkpoint.
 
-Run: python tests/bench/bench_prpo_learning.py [--steps 60] [--lr 2e-4] [--group-size 4] [--keep DIR]
+Run: python tests/bench/bench_prpo_learning.py [--steps 60] [--lr 5e-5] [--group-size 4]
+     [--algo prpo|grpo] [--ablation final-verdict] [--keep DIR]
 
-On the demo data (smaller than `dx demo`'s, for speed) with the cpu-tiny profile, offline:
-demo data -> align (6 steps) -> instruct cut short (`--instruct-steps`, so a good share of sampled
-answers are invalid or inconsistent) -> greedy eval on the test split -> PRPO (VCR off: no CLIP
-weights offline, so the reward is PCR alone) -> greedy eval again.
+On the demo data (smaller than `dx demo`'s, for speed) with the cpu-tiny profile, offline, ~2 min
+on 2 cores: demo data -> align (6 steps) -> instruct cut short (`--instruct-steps`, so a good share
+of sampled answers are invalid or inconsistent) -> eval -> PRPO (VCR off: no CLIP weights offline,
+so the reward is PCR alone) -> eval again.
 
-Prints, from RUN/metrics.jsonl (one row per step, each the rollout of the weights *before* that
-step's update): mean PCR, final-paragraph PCR, invalid rate and reward at step 0 (the first
-rollout), the mean of the first 5 and the mean of the last 5 steps; then F1, invalid rate and
-final-paragraph consistency of the greedy test answers before and after. Ends with one JSON line.
+Reports
+- training rollouts, from RUN/metrics.jsonl (each row is the rollout of the weights *before* that
+  step's update): mean PCR, final-paragraph PCR, invalid rate, reward at step 0, over the first 5
+  and over the last 5 steps (8 samples a step: noisy);
+- sampled test eval (G samples per test image at the training temperature / top_p, scored by the
+  PRPO rollout code itself, so the same definitions; ~400 samples): before and after;
+- greedy test eval (`eval infer` + `eval score`): F1, invalid rate, final-paragraph consistency.
+Ends with one JSON line.
+
+`--algo grpo` (ground-truth labels) is the control: same loop, one reward per response.
+`--ablation final-verdict` is an experiment, not the library's method: it monkeypatches the
+token advantages so that, in a response with an answer, only the verdict word's tokens carry the
+final paragraph's (PCR) advantage; the rest of the final paragraph (the answer marker, EOS) takes
+the mean advantage of the response's other tokens (see the note in tests/bench/README.md).
 """
 
 from __future__ import annotations
@@ -26,12 +37,14 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROLLOUT_KEYS = ("pcr", "final_pcr", "invalid_rate", "reward", "answer_accuracy", "response_tokens")
+EVAL_KEYS = ("pcr", "final_pcr", "invalid_rate", "answer_accuracy", "response_tokens")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="PRPO steps")
-    parser.add_argument("--lr", type=float, default=2e-4, help="prpo.lr")
+    parser.add_argument("--lr", type=float, default=5e-5, help="prpo.lr")
+    parser.add_argument("--algo", choices=("prpo", "grpo"), default="prpo")
     parser.add_argument("--group-size", type=int, default=4, help="prpo.group_size (G)")
     parser.add_argument("--images-per-step", type=int, default=2, help="prpo.images_per_step")
     parser.add_argument("--temperature", type=float, default=1.0, help="prpo.temperature")
@@ -40,13 +53,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--instruct-steps", type=int, default=80, help="instruct optimizer steps (weak on purpose)")
     parser.add_argument("--n-train", type=int, default=100, help="demo train images per domain")
     parser.add_argument("--n-test", type=int, default=24, help="demo test images per domain")
+    parser.add_argument("--ablation", choices=("none", "final-verdict"), default="none")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="extra --set for the PRPO run")
-    parser.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temp folder)")
-    return parser.parse_args()
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="work folder, kept and reused (data, align, instruct); default: a temp folder")
+    return parser.parse_args(argv)
 
 
 def quiet(*_: object) -> None:
     pass
+
+
+# ---------------------------------------------------------------------- stages
 
 
 def build_weak_instruct(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
@@ -70,7 +88,30 @@ def build_weak_instruct(work: Path, args: argparse.Namespace) -> tuple[Path, Pat
     return data, instruct
 
 
-def evaluate(model: Path, questions: Path, data: Path, out: Path) -> dict[str, float]:
+def prpo_sets(args: argparse.Namespace) -> list[str]:
+    return ["hardware.num_workers=0", "train.log_every=1", f"prpo.algo={args.algo}", "prpo.labels=gt",
+            "prpo.epochs=100", f"train.max_steps={args.steps}", f"prpo.lr={args.lr}",
+            f"prpo.group_size={args.group_size}", f"prpo.images_per_step={args.images_per_step}",
+            f"prpo.temperature={args.temperature}", f"prpo.top_p={args.top_p}",
+            f"prpo.max_new_tokens={args.max_new_tokens}",
+            f"hardware.micro_batch={args.group_size * args.images_per_step}", *args.sets]
+
+
+def run_prpo(work: Path, data: Path, instruct: Path, args: argparse.Namespace) -> tuple[Path, list[dict]]:
+    from dxcli import config
+    from dxcli.training.stages import run_prpo_stage
+
+    run = work / "prpo"
+    model = run_prpo_stage(out=run, resolved=config.resolve("cpu-tiny", prpo_sets(args)), model=str(instruct),
+                           data=data, force=True, say=quiet)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return model, rows
+
+
+# ---------------------------------------------------------------------- evaluation
+
+
+def greedy_eval(model: Path, questions: Path, data: Path, out: Path) -> dict[str, float]:
     """Greedy answers on the test questions: F1, invalid rate, final-paragraph consistency."""
     from dxcli import config
     from dxcli.evaluation.infer import run_infer
@@ -89,7 +130,7 @@ def evaluate(model: Path, questions: Path, data: Path, out: Path) -> dict[str, f
 
 def sampled_eval(model: Path, data: Path, args: argparse.Namespace, chunk: int = 16) -> dict[str, float]:
     """G samples per test image at the training temperature, scored by the PRPO rollout itself
-    (same PCR / invalid definitions as metrics.jsonl): far less noisy than a few training steps."""
+    (the definitions of metrics.jsonl), with fixed seeds: far less noisy than a few training steps."""
     import torch
 
     from dxcli import config
@@ -100,50 +141,76 @@ def sampled_eval(model: Path, data: Path, args: argparse.Namespace, chunk: int =
     from dxcli.training.sft_data import load_rgb
 
     torch.set_num_threads(1)
-    cfg = config.resolve("cpu-tiny", prpo_sets(args)).config.prpo
+    cfg = config.resolve("cpu-tiny", [*prpo_sets(args), "prpo.algo=prpo"]).config.prpo
     bundle = load_checkpoint(model)
     questions = generate_questions(data, n=None, seed=0, balanced=False, split="test")[0]
-    totals: dict[str, float] = {}
+    totals = dict.fromkeys(EVAL_KEYS, 0.0)
     for start in range(0, len(questions), chunk):
         batch = questions[start:start + chunk]
         roll = rollout(bundle, [load_rgb(data / q["image"]) for q in batch], [q["text"] for q in batch],
                        [q["label"] for q in batch], cfg=cfg, clip=None, lexicon=load_lexicon(), seed=start)
-        for key in ROLLOUT_KEYS:
-            totals[key] = totals.get(key, 0.0) + roll.stats[key] * len(batch)
+        for key in EVAL_KEYS:
+            totals[key] += roll.stats[key] * len(batch)
     return {key: value / len(questions) for key, value in totals.items()}
 
 
-def prpo_sets(args: argparse.Namespace) -> list[str]:
-    return ["hardware.num_workers=0", "train.log_every=1", "prpo.algo=prpo", "prpo.epochs=100",
-            f"train.max_steps={args.steps}", f"prpo.lr={args.lr}", f"prpo.group_size={args.group_size}",
-            f"prpo.images_per_step={args.images_per_step}", f"prpo.temperature={args.temperature}",
-            f"prpo.top_p={args.top_p}", f"prpo.max_new_tokens={args.max_new_tokens}",
-            f"hardware.micro_batch={args.group_size * args.images_per_step}", *args.sets]
-
-
-def run_prpo(work: Path, data: Path, instruct: Path, args: argparse.Namespace) -> tuple[Path, list[dict]]:
-    from dxcli import config
-    from dxcli.training.stages import run_prpo_stage
-
-    run = work / "prpo"
-    model = run_prpo_stage(out=run, resolved=config.resolve("cpu-tiny", prpo_sets(args)), model=str(instruct), data=data,
-                           force=True, say=quiet)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return model, rows
-
-
-def window_mean(rows: list[dict], key: str) -> float:
+def window_mean(rows: list[dict], key: str) -> float | None:
     values = [r[key] for r in rows if key in r]
-    return sum(values) / len(values) if values else float("nan")
+    return sum(values) / len(values) if values else None
+
+
+# ---------------------------------------------------------------------- ablation (experiment only)
+
+
+def patch_final_verdict_advantages() -> None:
+    """Only the verdict word carries the final paragraph's advantage; the marker and EOS take the
+    mean advantage of the response's other tokens. Patches dxcli.rl.prpo for this process."""
+    from dxcli.answer import answer_span
+    from dxcli.rl import prpo
+    from dxcli.rl.paragraphs import split_paragraphs, token_char_spans, token_paragraph_ids
+
+    library = prpo.prpo_token_advantages
+
+    def patched(token_ids, tokenizer, **kwargs):
+        token_adv, stats = library(token_ids, tokenizer, **kwargs)
+        for row, ids in enumerate(token_ids):
+            text, spans = token_char_spans(tokenizer, ids)
+            verdict = answer_span(text)
+            if verdict is None:
+                continue
+            paragraphs = split_paragraphs(text)
+            owner = token_paragraph_ids(paragraphs, spans, len(spans), text)
+            final = next(i for i, p in enumerate(paragraphs) if p.is_final)
+            word_start = verdict[1] - len("real")  # the marker ends with the verdict word
+            others = [a for a, o in zip(token_adv[row], owner) if o != final]
+            fill = sum(others) / len(others) if others else 0.0
+            for t, (o, (s, e)) in enumerate(zip(owner, spans)):
+                if o == final and not (s < verdict[1] and e > word_start):
+                    token_adv[row][t] = fill
+        return token_adv, stats
+
+    prpo.prpo_token_advantages = patched
+
+
+# ---------------------------------------------------------------------- report
+
+
+def print_table(title: str, keys: tuple[str, ...], rows: dict[str, dict[str, float | None]]) -> None:
+    print(f"\n{title:<22}" + "".join(f"{k:>16}" for k in keys))
+    for name, values in rows.items():
+        cells = [values.get(k) for k in keys]
+        print(f"{name:<22}" + "".join(f"{'-':>16}" if v is None else f"{v:>16.3f}" for v in cells))
 
 
 def main() -> int:
     args = parse_args()
+    if args.ablation == "final-verdict":
+        patch_final_verdict_advantages()
     started = time.time()
+    seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        seconds: dict[str, float] = {}
 
         t = time.time()
         data, instruct = build_weak_instruct(work, args)
@@ -155,33 +222,34 @@ def main() -> int:
         questions = work / "questions.jsonl"
         write_jsonl_atomic(questions, generate_questions(data, n=None, seed=0, balanced=False, split="test")[0])
         t = time.time()
-        before = evaluate(instruct, questions, data, work / "answers-before.jsonl")
+        greedy_before = greedy_eval(instruct, questions, data, work / "answers-before.jsonl")
+        sampled_before = sampled_eval(instruct, data, args)
         seconds["eval before"] = time.time() - t
 
         t = time.time()
         model, rows = run_prpo(work, data, instruct, args)
-        seconds["prpo"] = time.time() - t
+        seconds[args.algo] = time.time() - t
 
         t = time.time()
-        after = evaluate(model, questions, data, work / "answers-after.jsonl")
+        greedy_after = greedy_eval(model, questions, data, work / "answers-after.jsonl")
+        sampled_after = sampled_eval(model, data, args)
         seconds["eval after"] = time.time() - t
 
     windows = {"step 0": rows[:1], "first 5": rows[:5], "last 5": rows[-5:]}
-    rollout = {name: {k: window_mean(part, k) for k in ROLLOUT_KEYS} for name, part in windows.items()}
-    print(f"\nPRPO from a weak instruct ({args.instruct_steps} steps): {len(rows)} steps, G={args.group_size}, "
-          f"{args.images_per_step} images/step, lr={args.lr}, T={args.temperature}, top_p={args.top_p}, "
-          f"max_new_tokens={args.max_new_tokens}, VCR off; {time.time() - started:.0f} s total")
-    print(f"{'rollouts (sampled)':<20}" + "".join(f"{k:>17}" for k in ROLLOUT_KEYS))
-    for name, values in rollout.items():
-        print(f"{name:<20}" + "".join(f"{values[k]:>17.3f}" for k in ROLLOUT_KEYS))
-    print(f"\n{'test split (greedy)':<20}" + "".join(f"{k:>14}" for k in before))
-    for name, values in (("before", before), ("after", after)):
-        print(f"{name:<20}" + "".join(f"{values[k]:>14.3f}" for k in values))
+    training = {name: {k: window_mean(part, k) for k in ROLLOUT_KEYS} for name, part in windows.items()}
+    print(f"\n{args.algo.upper()} from a weak instruct ({args.instruct_steps} steps): {len(rows)} steps, "
+          f"G={args.group_size}, {args.images_per_step} images/step, lr={args.lr}, T={args.temperature}, "
+          f"top_p={args.top_p}, max_new_tokens={args.max_new_tokens}, VCR off, ablation={args.ablation}; "
+          f"{time.time() - started:.0f} s in all")
+    print_table("training rollouts", ROLLOUT_KEYS, training)
+    print_table("test, sampled", EVAL_KEYS, {"before": sampled_before, "after": sampled_after})
+    print_table("test, greedy", tuple(greedy_before), {"before": greedy_before, "after": greedy_after})
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
-    print(json.dumps({"bench": "prpo_learning", "steps": len(rows), "lr": args.lr, "group_size": args.group_size,
-                      "images_per_step": args.images_per_step, "temperature": args.temperature,
-                      "top_p": args.top_p, "instruct_steps": args.instruct_steps, "rollout": rollout,
-                      "eval_before": before, "eval_after": after,
+    print(json.dumps({"bench": "prpo_learning", "algo": args.algo, "ablation": args.ablation, "steps": len(rows),
+                      "lr": args.lr, "group_size": args.group_size, "images_per_step": args.images_per_step,
+                      "temperature": args.temperature, "top_p": args.top_p, "instruct_steps": args.instruct_steps,
+                      "training": training, "sampled_before": sampled_before, "sampled_after": sampled_after,
+                      "greedy_before": greedy_before, "greedy_after": greedy_after,
                       "seconds": {k: round(v, 1) for k, v in seconds.items()}}))
     return 0
 
