@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from dxcli.errors import DxError, UsageError
+from dxcli.errors import UsageError
 
 DEFAULT_PROFILE = "cpu-tiny"
 
@@ -367,8 +367,3 @@ def load(path: Path) -> DxConfig:
     config = DxConfig()
     _apply(config, _read_yaml(Path(path)), str(path), {})
     return config
-
-
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise DxError(message)

@@ -110,7 +110,6 @@ def open_images(batch: list[dict], images_root: Path) -> tuple[list, list[dict],
 
 
 def run(job: InferJob) -> None:
-    import torch
 
     from dxcli.evaluation.generate import generate
     from dxcli.model import load_checkpoint

@@ -11,7 +11,6 @@ The vision tower, projector and binary head stay frozen; the LLM learns.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,6 @@ from dxcli import config as cfgmod
 from dxcli.answer import parse_answer
 from dxcli.training import runtime
 
-STOP_AFTER_ENV = "DX_STOP_AFTER_STEP"
 
 
 @dataclass
@@ -228,7 +226,7 @@ def run(job: PrpoJob) -> Path:
 
     # ------------------------------------------------------------------ train
     progress = runtime.ProgressView(total_steps, f"{p.algo}", dist.main, start=step)
-    stop_after = int(os.environ.get(STOP_AFTER_ENV, 0))
+    stop_after = runtime.stop_after_step()
     images_root = Path(job.images)
     while step < total_steps:
         sampler.set_position(epoch, 0)
@@ -281,7 +279,7 @@ def run(job: PrpoJob) -> Path:
                                         cfg.train.keep_checkpoints)
         if step == stop_after:
             progress.close()
-            raise SystemExit(f"[prpo] stopped after step {step} ({STOP_AFTER_ENV})")
+            raise SystemExit(f"[prpo] stopped after step {step} ({runtime.STOP_AFTER_ENV})")
     progress.close()
     runtime.save_training_state(engine, ckpt_dir, step, {"epoch": epoch, "position": position},
                                 cfg.train.keep_checkpoints)

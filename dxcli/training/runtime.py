@@ -15,6 +15,13 @@ from typing import Any
 from dxcli.config import DxConfig
 
 
+STOP_AFTER_ENV = "DX_STOP_AFTER_STEP"  # crash simulation: a loop exits right after this step's checkpoint
+
+
+def stop_after_step() -> int:
+    return int(os.environ.get(STOP_AFTER_ENV, 0))
+
+
 @dataclass
 class Dist:
     rank: int

@@ -8,16 +8,14 @@ pretrained weights, the vision tower). L = L_lm + alpha * L_bin in both.
 from __future__ import annotations
 
 import math
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dxcli import config as cfgmod
 from dxcli.training import runtime
 
-STOP_AFTER_ENV = "DX_STOP_AFTER_STEP"  # crash simulation for tests: exit right after this step's checkpoint
 
 
 @dataclass
@@ -58,7 +56,6 @@ def binary_loss(head_logits, binary_labels):
 def run(job: SftJob) -> Path:
     # ------------------------------------------------------------------ setup
     import deepspeed
-    import torch
     from torch.utils.data import DataLoader
     from transformers import get_cosine_schedule_with_warmup
 
@@ -122,7 +119,7 @@ def run(job: SftJob) -> Path:
     # ------------------------------------------------------------------ train
     engine.train()
     progress = runtime.ProgressView(total_steps, job.stage, dist.main, start=step)
-    stop_after = int(os.environ.get(STOP_AFTER_ENV, 0))
+    stop_after = runtime.stop_after_step()
     window: dict[str, float] = {"loss": 0.0, "lm_loss": 0.0, "bin_loss": 0.0, "tokens": 0.0, "micro": 0.0}
     window_start = time.time()
     while step < total_steps:
@@ -157,7 +154,7 @@ def run(job: SftJob) -> Path:
                 save_state()
             if step == stop_after:
                 progress.close()
-                raise SystemExit(f"[{job.stage}] stopped after step {step} ({STOP_AFTER_ENV})")
+                raise SystemExit(f"[{job.stage}] stopped after step {step} ({runtime.STOP_AFTER_ENV})")
             if step >= total_steps:
                 break
         else:
@@ -185,7 +182,3 @@ def reduce_window(window: dict[str, float], seconds: float, world: int) -> dict[
     micro = max(micro, 1.0)
     return {"loss": loss / micro, "lm_loss": lm / micro, "bin_loss": bin_ / micro,
             "tokens_per_s": tokens / max(seconds, 1e-9)}
-
-
-def job_to_dict(job: SftJob) -> dict[str, Any]:
-    return asdict(job)
