@@ -111,6 +111,10 @@ class PrpoConfig:
     vcr_weight: float = 0.5
     pcr_weight: float = 0.5
     loss_agg: str = "token_mean"  # token_mean | seq_mean
+    # which tokens carry the final paragraph's advantage: "paragraph" (SPEC: all of them) or
+    # "verdict" (only the verdict word; the marker and EOS take the mean of the response's other
+    # tokens) - see tests/bench/README.md for why the second learns where the first does not
+    final_credit: str = "paragraph"
     clip: str | None = None  # CLIPModel folder or hub id for VCR; None -> VCR off
     lexicon: str | None = None  # PCR evidence lexicon YAML; None -> dxcli/rl/lexicon.yaml
     adv_eps: float = 1e-4
@@ -252,6 +256,7 @@ _CHOICES = {
     "algo": ("prpo", "grpo"),
     "labels": ("gt", "majority", "none"),
     "loss_agg": ("token_mean", "seq_mean"),
+    "final_credit": ("paragraph", "verdict"),
 }
 
 

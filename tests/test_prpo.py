@@ -93,3 +93,24 @@ def test_two_process_grpo(trained, demo_root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in metrics(out)] == [1, 2]
     assert (out / "model" / "config.json").is_file()
+
+
+def test_verdict_only_credit_keeps_the_final_advantage_on_the_verdict_word():
+    from dxcli.rl.prpo import verdict_only_credit
+
+    text = "Edges are soft.\n\n### Answer: fake"
+    # four tokens: the first paragraph, the marker, the verdict word, and an EOS with an empty span
+    spans = [(0, 17), (17, 29), (29, 34), (34, 34)]
+    owners = [0, 1, 1, 1]
+    out = verdict_only_credit([0.4, -2.0, -2.0, -2.0], owners, (text, spans), final=1)
+    assert out == [0.4, 0.4, -2.0, 0.4]
+    assert verdict_only_credit([1.0, 2.0], [0, 0], ("no marker", [(0, 2), (2, 9)]), final=0) == [1.0, 2.0]
+
+
+def test_prpo_with_verdict_credit_runs(trained, demo_root, tmp_path):
+    from dxcli.training.stages import run_prpo_stage
+
+    resolved = config.resolve("cpu-tiny", [*FAST, "train.max_steps=1", "prpo.final_credit=verdict"])
+    run_prpo_stage(out=tmp_path / "rl", resolved=resolved, model=str(trained["instruct"]), data=demo_root,
+                   say=lambda *_: None)
+    assert [r["step"] for r in metrics(tmp_path / "rl")] == [1]

@@ -54,20 +54,23 @@ def prpo_token_advantages(token_ids: list[list[int]], tokenizer, *, images: list
     VCR for every paragraph of the step comes from one batched CLIP text pass.
     """
     from dxcli.rl.objective import prpo_advantages, token_advantages
-    from dxcli.rl.paragraphs import decode_response, map_tokens
+    from dxcli.rl.paragraphs import split_paragraphs, token_char_spans, token_paragraph_ids
     from dxcli.rl.rewards import paragraph_rewards, score_response
 
-    mapped = [map_tokens(tokenizer, ids) for ids in token_ids]
-    # scored on the exact decoded ids, so paragraph spans line up with the token mapping
-    scores = [score_response(decode_response(tokenizer, ids), lexicon=lexicon) for ids in token_ids]
+    decoded = [token_char_spans(tokenizer, ids) for ids in token_ids]  # exact text + span of every id
+    owners = [token_paragraph_ids(split_paragraphs(text), spans, len(spans), text) for text, spans in decoded]
+    scores = [score_response(text, lexicon=lexicon, keywords=clip is not None) for text, _ in decoded]
     groups = [scores[i * G:(i + 1) * G] for i in range(len(images))]
     vcr = clip.group_vcr(clip.image_embeddings(images), groups) if clip is not None else None
     token_adv, stats = [], []
     for i, group in enumerate(groups):
         rewards = paragraph_rewards(group, vcr[i] if vcr else None, a=cfg.vcr_weight, b=cfg.pcr_weight)
-        advantages = prpo_advantages(rewards, eps=cfg.adv_eps)
-        token_adv += [token_advantages(ids_to_para, adv)
-                      for (_, ids_to_para), adv in zip(mapped[i * G:(i + 1) * G], advantages)]
+        for j, adv in enumerate(prpo_advantages(rewards, eps=cfg.adv_eps)):
+            n = i * G + j
+            per_token = token_advantages(owners[n], adv)
+            if cfg.final_credit == "verdict":
+                per_token = verdict_only_credit(per_token, owners[n], decoded[n], group[j].final_index)
+            token_adv.append(per_token)
         row = {"reward": mean([r for rs in rewards for r in rs]),
                "pcr": mean([p for s in group for p in s.pcr]),
                "final_pcr": mean([s.pcr[s.final_index] if s.pcr else 0.0 for s in group]),
@@ -76,6 +79,26 @@ def prpo_token_advantages(token_ids: list[list[int]], tokenizer, *, images: list
             row["vcr"] = mean([v for vs in vcr[i] for v in vs])
         stats.append(row)
     return token_adv, stats
+
+
+def verdict_only_credit(advantages: list[float], owners: list[int], decoded: tuple[str, list[tuple[int, int]]],
+                        final: int) -> list[float]:
+    """The final paragraph's advantage stays on the verdict word's tokens only; its other tokens
+    (marker, EOS) take the mean advantage of the response's other paragraphs, so a wrong verdict
+    does not teach the policy to avoid concluding at all."""
+    from dxcli.answer import ANSWER_RE
+
+    text, spans = decoded
+    match = None
+    for match in ANSWER_RE.finditer(text):
+        pass
+    if match is None:
+        return advantages
+    word_start, word_end = match.span(1)
+    others = [a for a, o in zip(advantages, owners) if o != final]
+    fill = mean(others)
+    return [a if o != final or (start < word_end and end > word_start) else fill
+            for a, o, (start, end) in zip(advantages, owners, spans)]
 
 
 def grpo_token_advantages(answers: list[str | None], targets: list[str | None], token_ids: list[list[int]],
@@ -150,9 +173,10 @@ def completion_logprobs(model, roll: Rollout, rows: slice, device) -> tuple[Any,
     embeds = model.prompt_embeds(torch.cat([prompt_ids, comp_ids], 1), torch.cat([prompt_mask, comp_mask], 1),
                                  image_features=roll.image_features[rows].to(device))
     mask = torch.cat([prompt_mask, comp_mask], 1)
-    logits = model(inputs_embeds=embeds, attention_mask=mask).logits
     width = comp_ids.shape[1]
-    logits = logits[:, -width - 1:-1].float()  # position t predicts token t+1
+    # only the positions that predict completion tokens (position t predicts token t+1)
+    logits = model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=width + 1).logits
+    logits = logits[:, :-1].float()
     logp_all = torch.log_softmax(logits, -1)
     logp = logp_all.gather(-1, comp_ids.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():

@@ -246,10 +246,11 @@ class ResponseScore:
 
 
 def score_response(response: str, *, lexicon: Lexicon | None = None,
-                   answer_override: str | None = None) -> ResponseScore:
+                   answer_override: str | None = None, keywords: bool = True) -> ResponseScore:
     """Everything about one response the rewards need except VCR (which needs the image).
 
     `answer_override` replaces the parsed answer (when the caller parsed it already).
+    `keywords=False` skips YAKE (keywords only feed VCR): `keywords` is then empty.
     """
     paragraphs = split_paragraphs(response)
     answer = answer_override if answer_override is not None else parse_answer(response)
@@ -257,7 +258,7 @@ def score_response(response: str, *, lexicon: Lexicon | None = None,
     final = next(i for i, p in enumerate(paragraphs) if p.is_final)
     return ResponseScore(
         paragraphs=paragraphs,
-        keywords=[keyword(p, answer) for p in paragraphs],
+        keywords=[keyword(p, answer) for p in paragraphs] if keywords else [],
         labels=labels,
         pcr=pcr(labels, answer, final),
         answer=answer,

@@ -25,6 +25,7 @@ warm-up and is excluded; the median of the remaining `--steps - 1` is reported.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -101,7 +102,7 @@ def train_images(data: Path) -> list[tuple[Path, str]]:
 
 def summarise(ends: list[float], tokens_per_step: list[float], warmup: int = 1) -> dict[str, float]:
     """Median seconds per step (intervals between step ends, warm-up excluded) and tokens."""
-    intervals = [b - a for a, b in zip(ends, ends[1:])][warmup - 1:]
+    intervals = [b - a for a, b in itertools.pairwise(ends)][warmup - 1:]
     timed_tokens = tokens_per_step[warmup:]
     median = statistics.median(intervals)
     tokens = statistics.fmean(timed_tokens)
@@ -218,7 +219,8 @@ def run_trl(work: Path, data: Path, checkpoint: Path, args: argparse.Namespace) 
     trainer = GRPOTrainer(model=model, reward_funcs=correct_answer, args=config, train_dataset=dataset,
                           processing_class=processor, callbacks=[StepClock()])
     trainer.train()
-    return summarise(ends, tokens)
+    return {**summarise(ends, tokens), "vision_language_path": trainer._is_vlm,
+            "optimizer_steps": trainer.state.global_step}
 
 
 # ---------------------------------------------------------------------- driver
@@ -238,7 +240,7 @@ def spawn(side: str, work: Path, argv: list[str], threads: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in inherited}
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     command = [sys.executable, __file__, *argv, "--side", side, "--work", str(work)]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
@@ -252,9 +254,9 @@ def main() -> int:
         return run_side(args)
     if args.steps < 6:
         raise SystemExit("--steps must be at least 6 (1 warm-up + 5 timed)")
-    import trl  # noqa: F401  (fail early with a clear message when the bench dependency is missing)
+    import trl  # fail early, before any work, when the bench dependency is missing
 
-    argv = [a for a in sys.argv[1:]]
+    argv = sys.argv[1:]
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

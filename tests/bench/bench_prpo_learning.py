@@ -1,7 +1,7 @@
 """Does PRPO learn? N steps of `dx train prpo` from a deliberately weak tiny instruct checkpoint.
 
 Run: python tests/bench/bench_prpo_learning.py [--steps 60] [--lr 5e-5] [--group-size 4]
-     [--algo prpo|grpo] [--ablation final-verdict] [--keep DIR]
+     [--algo prpo|grpo] [--final-credit paragraph|verdict] [--keep DIR]
 
 On the demo data (smaller than `dx demo`'s, for speed) with the cpu-tiny profile, offline, ~2 min
 on 2 cores: demo data -> align (6 steps) -> instruct cut short (`--instruct-steps`, so a good share
@@ -18,8 +18,7 @@ Reports
 Ends with one JSON line.
 
 `--algo grpo` (ground-truth labels) is the control: same loop, one reward per response.
-`--ablation final-verdict` is an experiment, not the library's method: it monkeypatches the
-token advantages so that, in a response with an answer, only the verdict word's tokens carry the
+`--final-credit verdict` sets `prpo.final_credit=verdict`: only the verdict word's tokens carry the
 final paragraph's (PCR) advantage; the rest of the final paragraph (the answer marker, EOS) takes
 the mean advantage of the response's other tokens (see the note in tests/bench/README.md).
 """
@@ -53,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--instruct-steps", type=int, default=80, help="instruct optimizer steps (weak on purpose)")
     parser.add_argument("--n-train", type=int, default=100, help="demo train images per domain")
     parser.add_argument("--n-test", type=int, default=24, help="demo test images per domain")
-    parser.add_argument("--ablation", choices=("none", "final-verdict"), default="none")
+    parser.add_argument("--final-credit", choices=("paragraph", "verdict"), default="paragraph",
+                        help="prpo.final_credit (paragraph: SPEC; verdict: only the verdict word)")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="extra --set for the PRPO run")
     parser.add_argument("--keep", type=Path, default=None,
                         help="work folder, kept and reused (data, align, instruct); default: a temp folder")
@@ -94,7 +94,8 @@ def prpo_sets(args: argparse.Namespace) -> list[str]:
             f"prpo.group_size={args.group_size}", f"prpo.images_per_step={args.images_per_step}",
             f"prpo.temperature={args.temperature}", f"prpo.top_p={args.top_p}",
             f"prpo.max_new_tokens={args.max_new_tokens}",
-            f"hardware.micro_batch={args.group_size * args.images_per_step}", *args.sets]
+            f"hardware.micro_batch={args.group_size * args.images_per_step}",
+            f"prpo.final_credit={args.final_credit}", *args.sets]
 
 
 def run_prpo(work: Path, data: Path, instruct: Path, args: argparse.Namespace) -> tuple[Path, list[dict]]:
@@ -159,39 +160,6 @@ def window_mean(rows: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-# ---------------------------------------------------------------------- ablation (experiment only)
-
-
-def patch_final_verdict_advantages() -> None:
-    """Only the verdict word carries the final paragraph's advantage; the marker and EOS take the
-    mean advantage of the response's other tokens. Patches dxcli.rl.prpo for this process."""
-    from dxcli.answer import answer_span
-    from dxcli.rl import prpo
-    from dxcli.rl.paragraphs import split_paragraphs, token_char_spans, token_paragraph_ids
-
-    library = prpo.prpo_token_advantages
-
-    def patched(token_ids, tokenizer, **kwargs):
-        token_adv, stats = library(token_ids, tokenizer, **kwargs)
-        for row, ids in enumerate(token_ids):
-            text, spans = token_char_spans(tokenizer, ids)
-            verdict = answer_span(text)
-            if verdict is None:
-                continue
-            paragraphs = split_paragraphs(text)
-            owner = token_paragraph_ids(paragraphs, spans, len(spans), text)
-            final = next(i for i, p in enumerate(paragraphs) if p.is_final)
-            word_start = verdict[1] - len("real")  # the marker ends with the verdict word
-            others = [a for a, o in zip(token_adv[row], owner) if o != final]
-            fill = sum(others) / len(others) if others else 0.0
-            for t, (o, (s, e)) in enumerate(zip(owner, spans)):
-                if o == final and not (s < verdict[1] and e > word_start):
-                    token_adv[row][t] = fill
-        return token_adv, stats
-
-    prpo.prpo_token_advantages = patched
-
-
 # ---------------------------------------------------------------------- report
 
 
@@ -204,8 +172,6 @@ def print_table(title: str, keys: tuple[str, ...], rows: dict[str, dict[str, flo
 
 def main() -> int:
     args = parse_args()
-    if args.ablation == "final-verdict":
-        patch_final_verdict_advantages()
     started = time.time()
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,13 +205,13 @@ def main() -> int:
     training = {name: {k: window_mean(part, k) for k in ROLLOUT_KEYS} for name, part in windows.items()}
     print(f"\n{args.algo.upper()} from a weak instruct ({args.instruct_steps} steps): {len(rows)} steps, "
           f"G={args.group_size}, {args.images_per_step} images/step, lr={args.lr}, T={args.temperature}, "
-          f"top_p={args.top_p}, max_new_tokens={args.max_new_tokens}, VCR off, ablation={args.ablation}; "
+          f"top_p={args.top_p}, max_new_tokens={args.max_new_tokens}, VCR off, final_credit={args.final_credit}; "
           f"{time.time() - started:.0f} s in all")
     print_table("training rollouts", ROLLOUT_KEYS, training)
     print_table("test, sampled", EVAL_KEYS, {"before": sampled_before, "after": sampled_after})
     print_table("test, greedy", tuple(greedy_before), {"before": greedy_before, "after": greedy_after})
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
-    print(json.dumps({"bench": "prpo_learning", "algo": args.algo, "ablation": args.ablation, "steps": len(rows),
+    print(json.dumps({"bench": "prpo_learning", "algo": args.algo, "final_credit": args.final_credit, "steps": len(rows),
                       "lr": args.lr, "group_size": args.group_size, "images_per_step": args.images_per_step,
                       "temperature": args.temperature, "top_p": args.top_p, "instruct_steps": args.instruct_steps,
                       "training": training, "sampled_before": sampled_before, "sampled_after": sampled_after,
