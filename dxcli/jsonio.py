@@ -12,7 +12,13 @@ from dxcli.errors import DxError
 
 
 def iter_jsonl(path: Path, *, allow_torn_tail: bool = False) -> Iterator[dict[str, Any]]:
-    """Yield one object per non-empty line.
+    """Yield one object per non-empty line (see `iter_numbered_jsonl`)."""
+    for _, obj in iter_numbered_jsonl(path, allow_torn_tail=allow_torn_tail):
+        yield obj
+
+
+def iter_numbered_jsonl(path: Path, *, allow_torn_tail: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) per non-empty line.
 
     A malformed line is an error naming file and line, except (with `allow_torn_tail`) a last
     line without its newline, which is what a crash mid-write leaves behind.
@@ -34,7 +40,7 @@ def iter_jsonl(path: Path, *, allow_torn_tail: bool = False) -> Iterator[dict[st
             raise DxError(f"{path}:{number}: malformed JSON line ({exc})") from None
         if not isinstance(obj, dict):
             raise DxError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
-        yield obj
+        yield number, obj
 
 
 def read_json_or_jsonl(path: Path) -> list[dict[str, Any]]:

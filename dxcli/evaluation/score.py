@@ -22,7 +22,7 @@ from typing import Any
 
 from dxcli.answer import LABELS, label_to_int, parse_answer
 from dxcli.errors import DxError, UsageError
-from dxcli.jsonio import iter_jsonl
+from dxcli.jsonio import iter_numbered_jsonl
 
 HEAD_THRESHOLD = 0.5  # head_prob >= this -> fake
 MISSING_GROUP = "unknown"  # group name for lines without the --by field
@@ -35,9 +35,8 @@ MISSING_GROUP = "unknown"  # group name for lines without the --by field
 def load_answers(path: Path) -> list[dict[str, Any]]:
     """Answer rows with `label`, `predict` (real/fake/None) and `head_prob` (float/None) checked."""
     path = Path(path)
-    line_numbers = _object_line_numbers(path)
     rows = []
-    for number, raw in zip(line_numbers, iter_jsonl(path, allow_torn_tail=True)):
+    for number, raw in iter_numbered_jsonl(path, allow_torn_tail=True):
         try:
             rows.append(_normalise(raw))
         except ValueError as exc:
@@ -58,13 +57,6 @@ def torn_tail(path: Path) -> bool:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return True
     return False
-
-
-def _object_line_numbers(path: Path) -> list[int]:
-    """Line numbers of the non-blank lines, in the order `iter_jsonl` yields their objects."""
-    if not path.is_file():
-        raise DxError(f"{path}: no such file")
-    return [n for n, raw in enumerate(path.read_bytes().split(b"\n"), start=1) if raw.strip()]
 
 
 def _normalise(raw: dict[str, Any]) -> dict[str, Any]:
