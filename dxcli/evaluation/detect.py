@@ -55,12 +55,9 @@ def detect(bundle, paths: list[Path], *, max_new_tokens: int, reasoning: bool = 
 
     Without reasoning, only the binary head runs (no text generation), and the verdict is the head's.
     """
-    import torch
-
-    from dxcli.evaluation.generate import generate, pixel_values
+    from dxcli.evaluation.generate import encode_images, generate
     from dxcli.training.sft_data import load_rgb
 
-    model = bundle.model
     for path in paths:
         started = time.time()
         try:
@@ -73,9 +70,6 @@ def detect(bundle, paths: list[Path], *, max_new_tokens: int, reasoning: bool = 
             text, prob = gen.texts[0], gen.head_probs[0]
             verdict = parse_answer(text)
         else:
-            with torch.no_grad():
-                param = next(model.parameters())
-                feats = model.image_features(pixel_values(bundle, [image], param.dtype, param.device))
-                prob = torch.sigmoid(model.head_logits_from_features(feats).float()).item()
+            prob = encode_images(bundle, [image])[1][0]
             text, verdict = None, ("fake" if prob >= 0.5 else "real")
         yield Detection(str(path), verdict, prob, text, time.time() - started)

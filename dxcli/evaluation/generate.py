@@ -40,16 +40,23 @@ def pixel_values(bundle, images: list[Any], dtype: torch.dtype, device: torch.de
 
 
 @torch.no_grad()
+def encode_images(bundle, images: list[Any]) -> tuple[torch.Tensor, list[float]]:
+    """Projected image tokens [n, N, d] (computed once, reused by every sample) and the head's P(fake)."""
+    model = bundle.model
+    param = next(model.parameters())
+    features = model.image_features(pixel_values(bundle, images, param.dtype, param.device))
+    return features, torch.sigmoid(model.head_logits_from_features(features).float()).tolist()
+
+
+@torch.no_grad()
 def generate(bundle, images: list[Any], questions: list[str], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, samples_per_image: int = 1, seed: int | None = None) -> Generation:
     """Generate `samples_per_image` responses per (image, question); greedy when temperature == 0."""
     model = bundle.model
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     ids, mask = encode_prompts(bundle, questions)
     ids, mask = ids.to(device), mask.to(device)
-    features = model.image_features(pixel_values(bundle, images, dtype, device))
-    head_probs = torch.sigmoid(model.head_logits_from_features(features).float()).tolist()
+    features, head_probs = encode_images(bundle, images)
     embeds = model.prompt_embeds(ids, mask, image_features=features)
     if samples_per_image > 1:
         embeds = embeds.repeat_interleave(samples_per_image, dim=0)

@@ -153,9 +153,7 @@ def run(job: InferJob) -> None:
 
 def run_infer(*, model: str, questions: Path, images: Path, out: Path, config, spec=None) -> int:
     """Parent side: check inputs, run the workers (in place or torchrun), merge. Returns answers written."""
-    from dataclasses import replace
-
-    from dxcli.training.launch import LaunchSpec, launch
+    from dxcli.training.launch import launch, spec_for
     from dxcli.training.prepare import resolve_model_path
 
     checkpoint = resolve_model_path(model)
@@ -173,10 +171,9 @@ def run_infer(*, model: str, questions: Path, images: Path, out: Path, config, s
                    model=checkpoint, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
                    temperature=ev.temperature, top_p=ev.top_p, seed=ev.seed, precision=config.hardware.precision,
                    threads=config.hardware.threads)
-    spec = replace(spec or LaunchSpec(), nproc_per_node=config.hardware.nproc_per_node, nnodes=config.hardware.nnodes)
     from dataclasses import asdict
 
-    launch("infer", asdict(job), work, spec)
+    launch("infer", asdict(job), work, spec_for(config, spec))
     count = merge_outputs(out)
     import shutil
 

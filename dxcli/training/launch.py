@@ -25,6 +25,14 @@ class LaunchSpec:
     hostfile: str | None = None
 
 
+def spec_for(config, spec: LaunchSpec | None = None) -> LaunchSpec:
+    """`spec` (addresses, node rank, hostfile) with the process counts of the run's own config."""
+    from dataclasses import replace
+
+    return replace(spec or LaunchSpec(), nproc_per_node=config.hardware.nproc_per_node,
+                   nnodes=config.hardware.nnodes)
+
+
 def worker_command(spec: LaunchSpec, job_file: Path) -> list[str]:
     """The launcher command line for several processes."""
     if spec.hostfile:

@@ -107,6 +107,20 @@ def prepare_records(data: Path | None, images: Path | None, run_dir: Path, *, sp
     return PreparedData(out, images_root, len(records), bad)
 
 
+def run_records(out: Path, name: str, *, resume: bool, say=print, **prepare_kwargs) -> tuple[Path, Path]:
+    """(records file, image root) of a run: reused on --resume, otherwise prepared (and checked) now."""
+    records_file = Path(out) / name
+    root_note = Path(out) / "images-root.txt"
+    if resume and records_file.is_file() and root_note.is_file():
+        return records_file, Path(root_note.read_text().strip())
+    prepared = prepare_records(run_dir=out, name=name, **prepare_kwargs)
+    root_note.write_text(str(prepared.images_root.resolve()))
+    if prepared.skipped:
+        say(f"skipped {len(prepared.skipped)} record(s) with missing or unreadable images")
+    say(f"{prepared.n_records} records -> {records_file}")
+    return records_file, prepared.images_root
+
+
 def resolve_model_path(model: str | None) -> str | None:
     """A checkpoint folder, or a run folder whose `model/` is one."""
     if model is None:
