@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from dxcli.errors import UsageError
+from dxcli.base.errors import UsageError
 
 DEFAULT_PROFILE = "cpu-tiny"
 
@@ -111,7 +111,7 @@ class PrpoConfig:
     vcr_weight: float = 0.5
     pcr_weight: float = 0.5
     loss_agg: str = "token_mean"  # token_mean | seq_mean
-    # which tokens carry the final paragraph's advantage: "paragraph" (SPEC: all of them) or
+    # which tokens carry the final paragraph's advantage: "paragraph" (METHOD.md §11: all of them) or
     # "verdict" (only the verdict word; the marker and EOS take the mean of the response's other
     # tokens) - see tests/bench/README.md for why the second learns where the first does not
     final_credit: str = "paragraph"
@@ -353,14 +353,24 @@ def to_dict(config: DxConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def get_value(config: DxConfig, key: str) -> Any:
+    """The value at a dotted key such as `train.max_steps`."""
+    node: Any = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def flat_items(config: DxConfig) -> list[tuple[str, Any]]:
-    out = []
-    for key in leaf_keys():
-        node: Any = config
-        for part in key.split("."):
-            node = getattr(node, part)
-        out.append((key, node))
-    return out
+    return [(key, get_value(config, key)) for key in leaf_keys()]
+
+
+def with_overrides(base: DxConfig, resolved: Resolved) -> DxConfig:
+    """`base` (a run's saved config) with the values `resolved` took from --set and flags on top."""
+    for key, source in resolved.sources.items():
+        if source in ("--set", "flag"):
+            _apply(base, _nest({key: get_value(resolved.config, key)}), source, {})
+    return base
 
 
 def save(config: DxConfig, path: Path) -> None:

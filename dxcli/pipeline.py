@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dxcli import config as cfgmod
-from dxcli.errors import DxError
+from dxcli.base.errors import DxError
+from dxcli.base.jsonio import write_jsonl_atomic
+from dxcli.data.demo import make_demo
+from dxcli.data.questions import generate_questions
+from dxcli.evaluation.detect import detect, open_detector
+from dxcli.evaluation.score import score_file
+from dxcli.jobs.stages import run_infer, run_prpo_stage, run_sft_stage
 
 F1_BAR, AUC_BAR = 0.75, 0.85  # the demo checks the pipeline: a working one clears these easily
 
@@ -36,15 +42,6 @@ class DemoResult:
 
 def run_demo(out: Path, *, profile: str = "cpu-tiny", sets: list[str] | None = None, force: bool = False,
              say: Callable[[str], None] = print) -> DemoResult:
-    from dxcli.data.demo import make_demo
-    from dxcli.data.questions import generate_questions
-    from dxcli.evaluation.detect import detect
-    from dxcli.evaluation.infer import run_infer
-    from dxcli.evaluation.score import score_file
-    from dxcli.jsonio import write_jsonl_atomic
-    from dxcli.model import load_checkpoint
-    from dxcli.training.stages import run_prpo_stage, run_sft_stage
-
     out = Path(out)
     if force and out.exists():
         shutil.rmtree(out)
@@ -94,11 +91,7 @@ def run_demo(out: Path, *, profile: str = "cpu-tiny", sets: list[str] | None = N
     score_prpo = score_file(answers_prpo)
     (out / "score-prpo.json").write_text(json.dumps(score_prpo, indent=2))
     test_image = sorted(data.glob("*/test/fake/*.png"))[0]
-    from dxcli.training.runtime import set_threads
-
-    set_threads(resolved.config.hardware.threads)
-    bundle = load_checkpoint(model_prpo)
-    bundle.model.eval()
+    bundle = open_detector(model_prpo, resolved.config)
     detection = next(detect(bundle, [test_image], max_new_tokens=resolved.config.eval.max_new_tokens)).to_json()
     (out / "detect.json").write_text(json.dumps(detection, indent=2))
     return DemoResult(out, score, score_prpo, detection, seconds)

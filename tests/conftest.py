@@ -22,7 +22,7 @@ def demo_root(tmp_path_factory) -> Path:
 def trained(tmp_path_factory, demo_root) -> dict[str, Path]:
     """align then instruct with the cpu-tiny profile on the small demo set (in this process)."""
     from dxcli import config
-    from dxcli.training.stages import run_sft_stage
+    from dxcli.jobs.stages import run_sft_stage
 
     runs = tmp_path_factory.mktemp("runs")
     align = run_sft_stage("align", out=runs / "align", data=demo_root, say=lambda *_: None,

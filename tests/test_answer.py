@@ -1,8 +1,8 @@
-"""The one answer parser (SPEC section 3): last marker wins, never guessed from other words."""
+"""The one answer parser (METHOD.md §3): last marker wins, never guessed from other words."""
 
 import pytest
 
-from dxcli.answer import answer_span, label_to_int, parse_answer
+from dxcli.base.answer import answer_span, label_to_int, parse_answer
 
 
 @pytest.mark.parametrize(
@@ -64,3 +64,11 @@ def test_answer_span_points_at_last_marker():
 
 def test_fake_is_the_positive_class():
     assert (label_to_int("fake"), label_to_int("real")) == (1, 0)
+
+
+def test_head_verdict_counts_a_tie_at_the_threshold_as_fake():
+    from dxcli.base.answer import HEAD_THRESHOLD, head_verdict
+
+    assert head_verdict(HEAD_THRESHOLD) == "fake"
+    assert head_verdict(HEAD_THRESHOLD - 1e-6) == "real"
+    assert head_verdict(1.0) == "fake" and head_verdict(0.0) == "real"

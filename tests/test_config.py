@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from dxcli import config
 from dxcli.cli.main import app
-from dxcli.errors import UsageError
+from dxcli.base.errors import UsageError
 
 runner = CliRunner()
 
@@ -89,8 +89,8 @@ def test_profiles_cli_list_and_show():
     assert bad.exit_code == 2 and "did you mean" in bad.output
 
 
-def test_help_is_instant_and_imports_no_torch():
-    code = ("import sys, time; t = time.time(); from dxcli.cli.main import app; "
+def test_help_imports_no_heavy_library_and_lists_every_group():
+    code = ("import sys; from dxcli.cli.main import app; "
             "print(sorted(m for m in ('torch', 'transformers', 'numpy', 'sklearn', 'PIL', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 
 from dxcli.cli.main import app
 from dxcli.data.check import check_tree
-from dxcli.data.tree import safe_image_path, scan_tree
-from dxcli.errors import DxError, UsageError
+from dxcli.base.images import safe_image_path
+from dxcli.data.tree import scan_tree
+from dxcli.base.errors import DxError, UsageError
 from helpers_images import (exit_status, make_tree, png_declaring_size, save_image,
                             truncated_jpeg, write_odd_valid_images)
 
@@ -191,3 +192,11 @@ def test_dx_process_prints_one_red_line_and_exits_2(tmp_path: Path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: not a directory"]
+
+
+def test_a_leak_blames_the_later_split_copy(good_tree: Path):
+    """With one copy in train and one in test, the test copy is the leak, whatever the paths sort as."""
+    original = good_tree / "beta/train/real/real_0.png"
+    shutil.copy(original, good_tree / "alpha/test/fake/aaa_first_by_name.png")
+    found = kinds(check_tree(good_tree, workers=1))
+    assert found == {"alpha/test/fake/aaa_first_by_name.png": "leak"}

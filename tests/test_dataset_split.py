@@ -15,7 +15,7 @@ from dxcli.data.check import check_tree
 from dxcli.data.records import load_records
 from dxcli.data.split import parse_ratios, split_pool, write_records
 from dxcli.data.tree import scan_tree
-from dxcli.errors import DxError, UsageError
+from dxcli.base.errors import DxError, UsageError
 from helpers_images import exit_status, make_pool, make_tree, sha256, snapshot
 
 runner = CliRunner()

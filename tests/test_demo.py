@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dxcli.answer import parse_answer
+from dxcli.base.answer import parse_answer
 from dxcli.data import demo
 from dxcli.data.demo import DOMAINS, PIPELINES, make_demo, measure
-from dxcli.errors import UsageError
+from dxcli.base.errors import UsageError
 
 SMALL = {"n_train": 40, "n_val": 8, "n_test": 16}
 SPLIT_SIZES = {"train": 40, "val": 8, "test": 16}
@@ -100,7 +100,7 @@ def test_every_image_has_reasoning_ending_in_its_folder_label(small_demo):
 
 
 def test_every_paragraph_carries_evidence_for_the_answer(small_demo):
-    """Scored with the PRPO lexicon (SPEC section 4): each paragraph before the answer is labelled
+    """Scored with the PRPO lexicon (METHOD.md §9): each paragraph before the answer is labelled
     with the answer's class, so the Prediction Consistency Reward of the answer is 1."""
     from dxcli.rl.rewards import score_response
 

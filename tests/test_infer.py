@@ -20,7 +20,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def questions(tmp_path_factory, demo_root) -> Path:
     from dxcli.data.questions import generate_questions
-    from dxcli.jsonio import write_jsonl_atomic
+    from dxcli.base.jsonio import write_jsonl_atomic
 
     rows, mismatches = generate_questions(demo_root, n=12, seed=0, balanced=True, split="test")
     assert not mismatches
@@ -30,17 +30,17 @@ def questions(tmp_path_factory, demo_root) -> Path:
 
 
 def infer(model: Path, questions: Path, images: Path, out: Path, *sets: str) -> int:
-    from dxcli.evaluation.infer import run_infer
+    from dxcli.jobs.stages import run_infer
 
     resolved = config.resolve("cpu-tiny", ["eval.max_new_tokens=48", *sets])
     return run_infer(model=str(model), questions=questions, images=images, out=out, config=resolved.config)
 
 
 def test_batched_and_one_at_a_time_generation_agree(trained, demo_root):
-    from dxcli.evaluation.generate import generate
-    from dxcli.model import load_checkpoint
-    from dxcli.template import DEFAULT_QUESTION
-    from dxcli.training.sft_data import load_rgb
+    from dxcli.model.generate import generate
+    from dxcli.model.checkpoint import load_checkpoint
+    from dxcli.base.template import DEFAULT_QUESTION
+    from dxcli.base.images import load_rgb
 
     bundle = load_checkpoint(trained["instruct"])
     bundle.model.eval()

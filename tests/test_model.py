@@ -8,18 +8,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from dxcli import template
+from dxcli.base import template
 from dxcli.config import ModelConfig
-from dxcli.errors import DxError
-from dxcli.model import (
-    DxLlavaForConditionalGeneration,
-    build_model,
-    build_tiny,
-    compose,
-    image_token_count,
-    load_checkpoint,
-    save_checkpoint,
-)
+from dxcli.base.errors import DxError
+from dxcli.model.build import build_tiny, compose, image_token_count
+from dxcli.model.checkpoint import build_model, load_checkpoint, save_checkpoint
+from dxcli.model.dxllava import DxLlavaForConditionalGeneration
 
 TEXTS = [
     "**Skin Texture**: natural pores and realistic texture.\n\n### Answer: real",
@@ -110,7 +104,7 @@ def test_forward_losses_and_head(bundle):
     features = model.image_features(enc.pixel_values)
     assert features.shape == (2, image_token_count(bundle.processor), model.config.text_config.hidden_size)
     assert torch.allclose(model.head_logits_from_features(features), out.head_logits)
-    pooled = model.binary_head(features.mean(dim=1)).squeeze(-1)  # SPEC: mean of projected tokens
+    pooled = model.binary_head(features.mean(dim=1)).squeeze(-1)  # METHOD.md §2: mean of projected tokens
     assert torch.allclose(pooled, out.head_logits)
     assert model(input_ids=enc.input_ids, pixel_values=enc.pixel_values).bin_loss is None
 

@@ -23,7 +23,7 @@ def metrics(run: Path) -> list[dict]:
 
 @pytest.mark.parametrize("algo,labels", [("prpo", "gt"), ("grpo", "gt"), ("grpo", "majority")])
 def test_prpo_and_grpo_run_and_log(trained, demo_root, tmp_path, algo, labels):
-    from dxcli.training.stages import run_prpo_stage
+    from dxcli.jobs.stages import run_prpo_stage
 
     resolved = config.resolve("cpu-tiny", [*FAST, "train.max_steps=2", f"prpo.algo={algo}", f"prpo.labels={labels}"])
     model = run_prpo_stage(out=tmp_path / "rl", resolved=resolved, model=str(trained["instruct"]), data=demo_root,
@@ -39,10 +39,10 @@ def test_prpo_and_grpo_run_and_log(trained, demo_root, tmp_path, algo, labels):
 
 
 def test_rollout_logprobs_are_computed_with_the_image(trained, demo_root):
-    from dxcli.model import load_checkpoint
-    from dxcli.rl.prpo import completion_logprobs, rollout
+    from dxcli.model.checkpoint import load_checkpoint
+    from dxcli.training.rollout import completion_logprobs, rollout
     from dxcli.rl.rewards import load_lexicon
-    from dxcli.training.sft_data import load_rgb
+    from dxcli.base.images import load_rgb
 
     bundle = load_checkpoint(trained["instruct"])
     cfg = config.resolve("cpu-tiny", [*FAST]).config.prpo
@@ -55,7 +55,7 @@ def test_rollout_logprobs_are_computed_with_the_image(trained, demo_root):
         # the same numbers from a plain forward over prompt + completion with pixel values
         ids = torch.cat([roll.prompt_ids[:2], roll.completion_ids[:2]], 1)
         mask = torch.cat([roll.prompt_mask[:2], roll.completion_mask[:2]], 1)
-        from dxcli.evaluation.generate import pixel_values
+        from dxcli.model.generate import pixel_values
 
         pixels = pixel_values(bundle, [images[0], images[0]], torch.float32, torch.device("cpu"))
         logits = bundle.model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
@@ -67,7 +67,7 @@ def test_rollout_logprobs_are_computed_with_the_image(trained, demo_root):
 
 
 def test_prpo_resume_continues(trained, demo_root, tmp_path, monkeypatch):
-    from dxcli.training.stages import run_prpo_stage
+    from dxcli.jobs.stages import run_prpo_stage
 
     sets = [*FAST, "train.max_steps=3"]
     monkeypatch.setenv("DX_STOP_AFTER_STEP", "2")
@@ -96,7 +96,7 @@ def test_two_process_grpo(trained, demo_root, tmp_path):
 
 
 def test_verdict_only_credit_keeps_the_final_advantage_on_the_verdict_word():
-    from dxcli.rl.prpo import verdict_only_credit
+    from dxcli.rl.advantages import verdict_only_credit
 
     text = "Edges are soft.\n\n### Answer: fake"
     # four tokens: the first paragraph, the marker, the verdict word, and an EOS with an empty span
@@ -108,7 +108,7 @@ def test_verdict_only_credit_keeps_the_final_advantage_on_the_verdict_word():
 
 
 def test_prpo_with_verdict_credit_runs(trained, demo_root, tmp_path):
-    from dxcli.training.stages import run_prpo_stage
+    from dxcli.jobs.stages import run_prpo_stage
 
     resolved = config.resolve("cpu-tiny", [*FAST, "train.max_steps=1", "prpo.final_credit=verdict"])
     run_prpo_stage(out=tmp_path / "rl", resolved=resolved, model=str(trained["instruct"]), data=demo_root,

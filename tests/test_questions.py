@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from dxcli.cli.main import app
 from dxcli.data.questions import generate_questions
-from dxcli.errors import DxError, UsageError
+from dxcli.base.errors import DxError, UsageError
 from helpers_images import exit_status, make_tree
 
 runner = CliRunner()

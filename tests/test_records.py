@@ -9,8 +9,8 @@ import pytest
 
 from dxcli.data.records import (Record, default_reasoning, load_reasoning, load_records,
                                 records_from_tree, save_records)
-from dxcli.errors import DxError
-from dxcli.template import DEFAULT_QUESTION
+from dxcli.base.errors import DxError
+from dxcli.base.template import DEFAULT_QUESTION
 from helpers_images import make_tree
 
 ORIGINAL_QUESTION = ("<image>\nAnalyze this image for any signs of digital manipulation or artificial "

@@ -1,4 +1,4 @@
-"""Paragraph split, spans, and the token -> paragraph mapping (SPEC section 4)."""
+"""Paragraph split, spans, and the token -> paragraph mapping (METHOD.md §8)."""
 
 from __future__ import annotations
 
@@ -234,3 +234,11 @@ def test_unverified_window_falls_back_to_prefix_decoding(llama_style_tokenizer, 
     text = decode_response(llama_style_tokenizer, ids)
     assert paragraphs_module._windowed_spans(llama_style_tokenizer, ids, text) is None
     assert token_char_spans(llama_style_tokenizer, ids)[1] == _spans_by_definition(llama_style_tokenizer, ids)
+
+
+def test_a_special_token_inside_a_later_paragraph_stays_in_that_paragraph() -> None:
+    text = "Ab cd.\n\nEf gh.\n\nAnswer: fake"
+    paragraphs = split_paragraphs(text)  # starts 0, 8, 16
+    offsets = [(0, 2), (2, 8), (8, 10), (0, 0), (10, 16), (16, 22), (0, 0), (22, 27)]
+    ids = token_paragraph_ids(paragraphs, offsets, n_tokens=len(offsets))
+    assert ids == [0, 0, 1, 1, 1, 2, 2, 2]  # each special token takes the previous token's paragraph

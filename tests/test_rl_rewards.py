@@ -12,7 +12,7 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
 
-from dxcli.errors import DxError
+from dxcli.base.errors import DxError
 from dxcli.rl.explain import explain, rows_from_file, summarize
 from dxcli.rl.paragraphs import Paragraph
 from dxcli.rl.rewards import (

@@ -1,4 +1,4 @@
-"""`dx eval score`: metrics equal scikit-learn's under the null-flip rule (SPEC section 3)."""
+"""`dx eval score`: metrics equal scikit-learn's under the null-flip rule (METHOD.md §6)."""
 
 import json
 import random
@@ -12,7 +12,7 @@ from sklearn.metrics import (accuracy_score, confusion_matrix, precision_recall_
 from typer.testing import CliRunner
 
 from dxcli.cli import main as cli_main
-from dxcli.errors import DxError
+from dxcli.base.errors import DxError
 from dxcli.evaluation import score as scoring
 from dxcli.evaluation.report import print_summary
 
@@ -231,3 +231,9 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     with pytest.raises(DxError, match=r"pip install 'dxcli\[plot\]'"):
         scoring.plot([{"label": "fake", "predict": "fake", "head_prob": 0.9}],
                      tmp_path / "x.png")
+
+
+def test_head_accuracy_counts_a_probability_of_exactly_one_half_as_fake():
+    rows = [{"question_id": i, "label": label, "predict": label, "head_prob": prob, "domain": "d"}
+            for i, (label, prob) in enumerate([("fake", 0.5), ("real", 0.2), ("fake", 0.9), ("real", 0.1)])]
+    assert scoring.score_rows(rows)["overall"]["head_accuracy"] == 1.0

@@ -34,7 +34,7 @@ def state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_only_the_assistant_reply_is_supervised(trained):
-    from dxcli.model import load_checkpoint
+    from dxcli.model.checkpoint import load_checkpoint
 
     bundle = load_checkpoint(trained["align"])
     item = tokenize_pair(bundle.tokenizer, "Is it real?", "**Edges**: crisp.\n\n### Answer: real", 9, 384)
@@ -48,7 +48,7 @@ def test_only_the_assistant_reply_is_supervised(trained):
 
 
 def test_truncation_is_counted_not_silent(trained):
-    from dxcli.model import load_checkpoint
+    from dxcli.model.checkpoint import load_checkpoint
 
     bundle = load_checkpoint(trained["align"])
     short = tokenize_pair(bundle.tokenizer, "q", "word " * 400, 9, 120)
@@ -67,9 +67,9 @@ def test_align_trains_only_projector_and_head(trained):
 def test_instruct_lowers_lm_loss_and_head_separates_test_split(trained, demo_root):
     from sklearn.metrics import roc_auc_score
 
-    from dxcli.evaluation.generate import pixel_values
-    from dxcli.model import load_checkpoint
-    from dxcli.training.sft_data import load_rgb
+    from dxcli.model.generate import pixel_values
+    from dxcli.model.checkpoint import load_checkpoint
+    from dxcli.base.images import load_rgb
 
     rows = metrics(trained["runs"] / "instruct")
     assert rows[-1]["lm_loss"] <= 0.7 * rows[0]["lm_loss"], (rows[0], rows[-1])
@@ -85,7 +85,7 @@ def test_instruct_lowers_lm_loss_and_head_separates_test_split(trained, demo_roo
 
 
 def test_stop_and_resume_continues_where_it_stopped(tmp_path, demo_root, trained, monkeypatch):
-    from dxcli.training.stages import run_sft_stage
+    from dxcli.jobs.stages import run_sft_stage
 
     sets = ["hardware.num_workers=0", "train.max_steps=6", "train.log_every=1", "hardware.micro_batch=4"]
     whole = run_sft_stage("instruct", out=tmp_path / "whole", data=demo_root, model=str(trained["align"]),
@@ -118,7 +118,7 @@ def test_two_process_zero_run(tmp_path, demo_root, trained, zero_stage):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout + result.stderr
     assert [r["step"] for r in metrics(out)] == [1, 2]
-    from dxcli.model import load_checkpoint
+    from dxcli.model.checkpoint import load_checkpoint
 
     reloaded = load_checkpoint(out / "model")  # under ZeRO-3 the weights were gathered before saving
     assert sum(p.numel() for p in reloaded.model.parameters()) == sum(
@@ -152,7 +152,7 @@ def test_existing_run_needs_resume_or_force(tmp_path, demo_root):
 
 
 def test_bad_images_stop_training_unless_skipped(tmp_path, demo_root):
-    from dxcli.training.prepare import prepare_records
+    from dxcli.jobs.prepare import prepare_records
 
     tree = tmp_path / "tree"
     shutil.copytree(demo_root, tree)

@@ -9,6 +9,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from dxcli.config import DEFAULT_PROFILE
+
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
@@ -20,7 +22,7 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config key, e.g. --set train.max_steps=20 (repeatable)."),
 ]
-DEFAULT_PROFILE_NAME = "cpu-tiny"
+DEFAULT_PROFILE_NAME = DEFAULT_PROFILE  # the one default, from config
 
 
 def is_tty() -> bool:

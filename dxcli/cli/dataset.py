@@ -128,7 +128,7 @@ def split(
 
     Example: dx dataset split data --records --out records --holdout sd
     """
-    from dxcli.errors import UsageError
+    from dxcli.base.errors import UsageError
 
     if records:
         if ratios is not None or link:
@@ -157,16 +157,10 @@ def _write_records(tree: Path, out: Path, reasoning: Path | None, holdout: str |
                    force: bool, json_out: bool) -> None:
     from rich.table import Table
 
-    from dxcli.data.records import REASONING_FILE, default_reasoning, load_reasoning
-    from dxcli.data.split import write_records
+    from dxcli.data.split import records_from_tree_files
 
-    if reasoning is not None:
-        annotations, source = load_reasoning(reasoning), str(reasoning)
-    else:
-        annotations = default_reasoning(tree)
-        source = str(tree / REASONING_FILE) if annotations is not None else None
-    summary = write_records(tree, out, annotations, holdout=holdout, force=force)
-    summary["reasoning"] = source
+    summary = records_from_tree_files(tree, out, reasoning, holdout=holdout, force=force)
+    source = summary["reasoning"]
     if json_out:
         print_json(summary)
         return
@@ -198,7 +192,7 @@ def demo(
     from rich.table import Table
 
     from dxcli.data.demo import make_demo
-    from dxcli.errors import UsageError
+    from dxcli.base.errors import UsageError
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UsageError(f"{out} exists and is not empty; pass --force to write into it")

@@ -23,7 +23,7 @@ def demo(
 
     Example: dx demo --out dx-demo
     """
-    from dxcli.errors import DxError
+    from dxcli.base.errors import DxError
     from dxcli.evaluation.report import print_summary
     from dxcli.pipeline import AUC_BAR, F1_BAR, run_demo
 

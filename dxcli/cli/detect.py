@@ -25,22 +25,13 @@ def detect(
     """
     from rich.markdown import Markdown
 
-    from dxcli.errors import DxError
+    from dxcli.base.errors import DxError
     from dxcli.evaluation.detect import detect as run_detect
-    from dxcli.evaluation.detect import expand_inputs
-    from dxcli.model import load_checkpoint
-    from dxcli.training.prepare import resolve_model_path
+    from dxcli.evaluation.detect import expand_inputs, open_detector
 
     resolved = resolve_config(profile, sets, {"eval.max_new_tokens": max_new_tokens}, show=False)
-    checkpoint = resolve_model_path(model) or resolved.config.model.path
-    if checkpoint is None:
-        raise DxError("pass --model CHECKPOINT (a dx checkpoint or run folder)")
     paths = expand_inputs(inputs)
-    from dxcli.training.runtime import set_threads
-
-    set_threads(resolved.config.hardware.threads)
-    bundle = load_checkpoint(checkpoint)
-    bundle.model.eval()
+    bundle = open_detector(model, resolved.config)
     failed = 0
     for found in run_detect(bundle, paths, max_new_tokens=resolved.config.eval.max_new_tokens,
                             reasoning=not no_reasoning):

@@ -1,6 +1,4 @@
-"""`dx eval ...`: scoring (and, later, inference). One function per command; the work lives in
-dxcli.evaluation.
-"""
+"""`dx eval ...`: infer, score, rewards. One function per command; the work lives in the library."""
 
 from __future__ import annotations
 
@@ -10,13 +8,15 @@ from typing import Annotated
 import typer
 
 from dxcli.cli.common import console, err_console
+from dxcli.cli.eval_infer import infer
+from dxcli.cli.eval_rewards import rewards
 
 app = typer.Typer(help="Evaluate a model: answer questions, score answers.", no_args_is_help=True)
 
 
 @app.command("score")
 def score(
-    answers: Annotated[list[Path], typer.Argument(help="Answer JSONL file(s) (SPEC section 3).")],
+    answers: Annotated[list[Path], typer.Argument(help="Answer JSONL file(s) (docs/METHOD.md §4).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object only.")] = False,
     by: Annotated[str, typer.Option("--by", help="Answer field to group rows by.")] = "domain",
     plot: Annotated[Path | None, typer.Option("--plot", help="Write the head ROC curve and the "
@@ -52,10 +52,5 @@ def score(
         print_summary(result, console)
 
 
-from dxcli.cli.eval_infer import infer  # noqa: E402  (light: typer only)
-
 app.command("infer")(infer)
-
-from dxcli.cli.eval_rewards import rewards  # noqa: E402
-
 app.command("rewards")(rewards)

@@ -27,7 +27,7 @@ def infer(
 
     Example: dx eval infer --model runs/instruct --questions q.jsonl --images demo-data --out answers.jsonl
     """
-    from dxcli.evaluation.infer import run_infer
+    from dxcli.jobs.stages import run_infer
     from dxcli.evaluation.report import print_summary
     from dxcli.evaluation.score import score_file
 

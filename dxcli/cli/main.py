@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
 import typer
 
 from dxcli import __version__
+from dxcli.cli import dataset, demo, detect, profiles, questions, train
+from dxcli.cli import eval as eval_group
 
 _state = {"debug": bool(os.environ.get("DX_DEBUG"))}
 
@@ -17,7 +18,7 @@ class _Group(typer.core.TyperGroup):
     """Turns a DxError anywhere below into one red line and its exit status (2 usage, 1 failure)."""
 
     def invoke(self, ctx):
-        from dxcli.errors import DxError
+        from dxcli.base.errors import DxError
 
         try:
             return super().invoke(ctx)
@@ -47,17 +48,6 @@ app = typer.Typer(
     add_completion=False,
 )
 
-# group name -> module holding a `app` Typer (or `register(app)` for top-level commands)
-GROUPS = {
-    "profiles": "dxcli.cli.profiles",
-    "dataset": "dxcli.cli.dataset",
-    "questions": "dxcli.cli.questions",
-    "train": "dxcli.cli.train",
-    "eval": "dxcli.cli.eval",
-}
-TOP_LEVEL = ["dxcli.cli.detect", "dxcli.cli.demo"]
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"dx {__version__}")
@@ -75,26 +65,16 @@ def _root(
         os.environ["DX_DEBUG"] = "1"  # inherited by launched workers
 
 
-def _register() -> None:
-    for name, module_name in GROUPS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue  # group not built yet
-            raise
-        app.add_typer(module.app, name=name)
-    for module_name in TOP_LEVEL:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue
-            raise
-        module.register(app)
-
-
-_register()
+# Every command group and top-level command, registered explicitly: a missing module is an
+# ImportError at start-up, never a silently absent command. The modules import only typer and
+# rich at the top; each command imports its library entry point when it runs.
+app.add_typer(profiles.app, name="profiles")
+app.add_typer(dataset.app, name="dataset")
+app.add_typer(questions.app, name="questions")
+app.add_typer(train.app, name="train")
+app.add_typer(eval_group.app, name="eval")
+detect.register(app)
+demo.register(app)
 
 
 def run() -> None:

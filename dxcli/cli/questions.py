@@ -33,16 +33,13 @@ def gen(
 
     Example: dx questions gen demo-data --out questions.jsonl --n 100 --balanced --seed 0
     """
-    from dxcli.data.questions import generate_questions
-    from dxcli.jsonio import write_jsonl_atomic
+    from dxcli.base.jsonio import write_jsonl_atomic
+    from dxcli.data.questions import counts_by_domain, generate_questions
 
     questions, mismatches = generate_questions(source, n=n, seed=seed, balanced=balanced,
                                                split=split, domain=domain, images_root=images)
     write_jsonl_atomic(out, questions)
-    counts: dict[str, dict[str, int]] = {}
-    for question in questions:
-        per_label = counts.setdefault(str(question["domain"]), {"real": 0, "fake": 0})
-        per_label[question["label"]] += 1
+    counts = counts_by_domain(questions)
     if json_out:
         typer.echo(json.dumps({"out": str(out), "questions": len(questions), "counts": counts,
                                "mismatches": mismatches}, ensure_ascii=False))

@@ -28,10 +28,12 @@ HostfileOpt = Annotated[Optional[Path], typer.Option("--hostfile", help="DeepSpe
 
 def _sft(stage: str, data, images, model, out, profile, sets, resume, force, skip_bad, nproc, nnodes,
          node_rank, master_addr, master_port, hostfile) -> None:
-    from dxcli.training.stages import launch_spec, run_sft_stage
+    from dxcli.jobs.launch import LaunchSpec
+    from dxcli.jobs.stages import run_sft_stage
 
     resolved = resolve_config(profile, sets, {"hardware.nproc_per_node": nproc, "hardware.nnodes": nnodes})
-    spec = launch_spec(resolved.config, node_rank, master_addr, master_port, str(hostfile) if hostfile else None)
+    spec = LaunchSpec(node_rank=node_rank, master_addr=master_addr, master_port=master_port,
+                      hostfile=str(hostfile) if hostfile else None)
     saved = run_sft_stage(stage, out=out, resolved=resolved, data=data, images=images, model=model, resume=resume,
                           force=force, skip_bad=skip_bad, spec=spec, say=err_console.print)
     console.print(f"[green]{stage} done[/]: model in {saved}, metrics in {out / 'metrics.jsonl'}")
@@ -83,11 +85,13 @@ def prpo(
     Example: dx train prpo --model runs/instruct --data demo-data --out runs/prpo --algo prpo
     Test-time RL on a held-out domain: dx train prpo --model runs/instruct --data DF_R5 --domain sit --split test --labels none --out runs/ttrl
     """
-    from dxcli.training.stages import launch_spec, run_prpo_stage
+    from dxcli.jobs.launch import LaunchSpec
+    from dxcli.jobs.stages import run_prpo_stage
 
     resolved = resolve_config(profile, sets, {"hardware.nproc_per_node": nproc_per_node, "hardware.nnodes": nnodes,
                                               "prpo.algo": algo, "prpo.labels": labels, "prpo.clip": clip})
-    spec = launch_spec(resolved.config, node_rank, master_addr, master_port, str(hostfile) if hostfile else None)
+    spec = LaunchSpec(node_rank=node_rank, master_addr=master_addr, master_port=master_port,
+                      hostfile=str(hostfile) if hostfile else None)
     saved = run_prpo_stage(out=out, resolved=resolved, model=model, data=data, images=images, split=split,
                            domains=domain, resume=resume, force=force, spec=spec, say=err_console.print)
     console.print(f"[green]{resolved.config.prpo.algo} done[/]: model in {saved}, metrics in {out / 'metrics.jsonl'}")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dxcli.data.tree import LABELS, SPLITS, TreeImage, walk_tree
-from dxcli.errors import UsageError
+from dxcli.base.errors import UsageError
 
 ERROR_KINDS = frozenset({"corrupt", "empty", "not_image", "too_large", "unexpected_dir",
                          "duplicate", "leak", "no_images"})
@@ -206,7 +206,7 @@ def _same_content(images: list[TreeImage], results: list[ImageResult]) -> list[d
 def check_tree(root: Path, *, min_side: int = 32, max_pixels: int = 89_478_485,
                imbalance_ratio: float = 1.5, workers: int = 0,
                progress: Callable[[int, int], None] | None = None) -> CheckReport:
-    """Check the SPEC section 3 tree at `root`. `progress(done, total)` is called as images finish."""
+    """Check the image tree (METHOD.md §4) at `root`. `progress(done, total)` is called as images finish."""
     if workers < 0 or min_side < 0 or max_pixels < 1 or imbalance_ratio < 1:
         raise UsageError("dataset check: need workers >= 0, min_side >= 0, max_pixels >= 1 and "
                          f"imbalance_ratio >= 1 (got {workers}, {min_side}, {max_pixels}, "

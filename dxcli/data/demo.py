@@ -1,4 +1,4 @@
-"""The built-in demo data: a small SPEC section 3 tree with reasoning, made offline in seconds.
+"""The built-in demo data: a small image tree (METHOD.md §4) with reasoning, made offline in seconds.
 
 Real images are crops, at varied positions and scales, of the two photographs scikit-learn ships
 (`china.jpg`, `flower.jpg`), resized to `size` x `size`. Fake images are other crops of the same
@@ -16,7 +16,7 @@ real generators leave, tied to the output pixel grid:
 
 Every image gets a DF-R5-style reasoning text written from properties measured on the saved image
 (grid ripples of period 2, 4 and 8, blockiness, colour-level coverage, noise evenness and level,
-detail, brightness), in the evidence vocabulary of the PRPO lexicon (SPEC section 4).
+detail, brightness), in the evidence vocabulary of the PRPO lexicon (METHOD.md §9).
 
 This is a pipeline check, not a deepfake benchmark: the traces are deliberately plain, so that a
 tiny randomly initialised CNN separates real from fake after a few seconds of CPU training.
@@ -38,13 +38,14 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from dxcli.base.errors import DxError, UsageError
+from dxcli.base.jsonio import write_jsonl_atomic
+from dxcli.data.records import REASONING_FILE
 from dxcli.data.tree import LABELS, SPLITS
-from dxcli.errors import DxError, UsageError
-from dxcli.jsonio import write_jsonl_atomic
 
 DOMAINS = ("gan", "diffusion", "banding", "resample")
 PHOTOS = ("china.jpg", "flower.jpg")
-REASONING_FILE = "reasoning.jsonl"
+
 MIN_SIZE, MAX_SIZE = 32, 256
 _MIN_CROP = 128  # crops are always downscaled (>= 1.33x), which erases the photos' JPEG grid
 _PHOTO_HEIGHT, _PHOTO_WIDTH = 427, 640  # both photos

@@ -1,4 +1,4 @@
-"""`dx questions gen`: an evaluation question set (SPEC section 3 question JSONL).
+"""`dx questions gen`: an evaluation question set (question JSONL, METHOD.md §4).
 
 From a tree, labels come from the label folders. From records, the label comes from the image
 path's label folder (else `binary_label`, else the answer marker) and is cross-checked against
@@ -11,11 +11,11 @@ import random
 from pathlib import Path
 from typing import Any
 
-from dxcli.answer import parse_answer
+from dxcli.base.answer import parse_answer
 from dxcli.data.records import load_records
 from dxcli.data.tree import LABELS, SPLITS, parse_tree_path, scan_tree
-from dxcli.errors import DxError, UsageError
-from dxcli.template import DEFAULT_QUESTION
+from dxcli.base.errors import DxError, UsageError
+from dxcli.base.template import DEFAULT_QUESTION
 
 
 def _question(question_id: str, image: str, text: str, label: str, domain: str | None) -> dict:
@@ -97,3 +97,12 @@ def generate_questions(source: Path, *, n: int | None, seed: int, balanced: bool
         raise DxError(f"{source}: --balanced needs both real and fake images; found only "
                       f"{questions[0]['label']}")
     return _sample(questions, n, seed, balanced), mismatches
+
+
+def counts_by_domain(questions: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """{domain: {"real": n, "fake": n}} of a question set."""
+    counts: dict[str, dict[str, int]] = {}
+    for question in questions:
+        per_label = counts.setdefault(str(question["domain"]), {"real": 0, "fake": 0})
+        per_label[question["label"]] += 1
+    return counts

@@ -1,4 +1,4 @@
-"""Conversation records (SPEC section 3, LLaVA format) and reasoning annotations.
+"""Conversation records (METHOD.md §4, LLaVA format) and reasoning annotations.
 
 A record file is a JSON array or JSONL of
 `{"id", "image", "domain", "conversations": [{"from": "human"}, {"from": "gpt"}], "binary_label"}`.
@@ -8,16 +8,17 @@ and are then read from the image path (`domain/split/label/file`) or the answer 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dxcli.answer import label_to_int, parse_answer
-from dxcli.data.tree import (LABELS, TreeImage, check_relative, parse_tree_path, safe_image_path,
-                             scan_tree)
-from dxcli.errors import DxError
-from dxcli.jsonio import read_json_or_jsonl
-from dxcli.template import DEFAULT_QUESTION, split_conversation, user_text
+from dxcli.base.answer import label_to_int, parse_answer
+from dxcli.base.errors import DxError
+from dxcli.base.images import check_relative, safe_image_path
+from dxcli.base.jsonio import read_json_or_jsonl
+from dxcli.base.template import DEFAULT_QUESTION, split_conversation, user_text
+from dxcli.data.tree import LABELS, TreeImage, parse_tree_path, scan_tree
 
 REASONING_FILE = "reasoning.jsonl"  # the optional annotation file inside a tree's ROOT
 
@@ -187,3 +188,25 @@ def records_from_images(images: list[TreeImage], splits: tuple[str, ...] | list[
         records.append(Record(id=image.rel, image=image.rel, question=question, answer=answer,
                               binary_label=label_to_int(image.label), domain=image.domain))
     return records
+
+
+def find_bad_images(records: list[Record], images_root: Path, workers: int = 8) -> list[tuple[str, str]]:
+    """(image, reason) for every record whose image is missing or cannot be decoded."""
+    from PIL import Image
+
+    def problem(record: Record) -> tuple[str, str] | None:
+        try:
+            path = safe_image_path(images_root, record.image)
+        except DxError as exc:
+            return record.image, str(exc)
+        if not path.is_file():
+            return record.image, "missing"
+        try:
+            with Image.open(path) as img:
+                img.load()
+        except Exception as exc:  # any decoder failure means the image is unusable
+            return record.image, f"unreadable ({type(exc).__name__}: {exc})"
+        return None
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return [p for p in pool.map(problem, records) if p is not None]

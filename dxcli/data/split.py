@@ -4,7 +4,7 @@
     domain and label, deterministic for a seed. Files are copied or hard-linked, never moved.
     Content-identical files are one unit: the first (by path) is kept, the copies are skipped
     (reported), so no content lands in two splits and the result passes `dx dataset check`.
-(b) `write_records`: OUT/train.json, val.json, test.json (JSON arrays of SPEC section 3
+(b) `write_records`: OUT/train.json, val.json, test.json (JSON arrays of METHOD.md §4
     records) from a tree and optional reasoning; `holdout` gives leave-one-domain-out records.
 """
 
@@ -20,9 +20,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dxcli.data.records import records_from_images, save_records, tree_key
+from dxcli.base.errors import DxError, UsageError
+from dxcli.data.records import (REASONING_FILE, default_reasoning, load_reasoning, records_from_images,
+                                save_records, tree_key)
 from dxcli.data.tree import LABELS, SPLITS, is_image_name, scan_tree
-from dxcli.errors import DxError, UsageError
 
 Progress = Callable[[int, int], None]
 DEFAULT_RATIOS = (0.8, 0.1, 0.1)
@@ -176,6 +177,20 @@ def split_pool(pool: Path, out: Path, ratios: Sequence[float] | str = DEFAULT_RA
 
 def record_paths(out: Path) -> dict[str, Path]:
     return {split: Path(out) / f"{split}.json" for split in SPLITS}
+
+
+def records_from_tree_files(tree: Path, out: Path, reasoning_file: Path | None, holdout: str | None = None,
+                            force: bool = False) -> dict[str, Any]:
+    """`dx dataset split --records`: `write_records` with the reasoning of `reasoning_file`, or of
+    TREE/reasoning.jsonl when there is one; the summary says which (`reasoning`: path or None)."""
+    if reasoning_file is not None:
+        annotations, source = load_reasoning(reasoning_file), str(reasoning_file)
+    else:
+        annotations = default_reasoning(tree)
+        source = str(Path(tree) / REASONING_FILE) if annotations is not None else None
+    summary = write_records(tree, out, annotations, holdout=holdout, force=force)
+    summary["reasoning"] = source
+    return summary
 
 
 def write_records(tree: Path, out: Path, reasoning: dict[str, str] | None,

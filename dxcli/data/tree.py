@@ -1,4 +1,4 @@
-"""The SPEC section 3 image tree: `ROOT/<domain>/<split>/<label>/<file>`.
+"""The image tree (METHOD.md §4): `ROOT/<domain>/<split>/<label>/<file>`.
 
 Names are case-sensitive (`Train` or `FAKE` is not a split or label); file extensions are not.
 Hidden entries (names starting with '.') are skipped everywhere, and regular files directly in
@@ -11,11 +11,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from dxcli.errors import DxError, UsageError
+from dxcli.base.errors import DxError, UsageError
+from dxcli.base.images import is_image_name
 
 SPLITS = ("train", "val", "test")
 LABELS = ("real", "fake")
-IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
 @dataclass
@@ -34,9 +34,6 @@ class TreeListing:
     unexpected_dirs: list[str] = field(default_factory=list)
     stray_files: list[str] = field(default_factory=list)  # files where only dirs or images belong
 
-
-def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTS
 
 
 def _entries(path: Path) -> list[os.DirEntry]:
@@ -93,10 +90,6 @@ def scan_tree(root: Path) -> tuple[list[TreeImage], list[str]]:
     return listing.images, listing.unexpected_dirs
 
 
-def domains_of(images: list[TreeImage]) -> list[str]:
-    return sorted({image.domain for image in images})
-
-
 def parse_tree_path(rel: str) -> tuple[str | None, str | None, str | None]:
     """(domain, split, label) read from a path like `[prefix/]domain/split/label/file`.
 
@@ -109,33 +102,3 @@ def parse_tree_path(rel: str) -> tuple[str | None, str | None, str | None]:
             return domain, parts[i - 1], parts[i]
     label = next((part for part in reversed(parts) if part in LABELS), None)
     return None, None, label
-
-
-def check_relative(rel: str) -> str:
-    """Normalised posix form of a relative path; DxError when it is absolute or climbs out."""
-    text = rel.replace("\\", "/")
-    pure = PurePosixPath(text)
-    if pure.is_absolute() or (len(text) > 1 and text[1] == ":"):
-        raise DxError(f"image path '{rel}' is absolute; it must be relative to the image root")
-    parts: list[str] = []
-    for part in pure.parts:
-        if part == "..":
-            if not parts:
-                raise DxError(f"image path '{rel}' escapes the image root")
-            parts.pop()
-        elif part != ".":
-            parts.append(part)
-    if not parts:
-        raise DxError(f"image path '{rel}' names no file")
-    return "/".join(parts)
-
-
-def safe_image_path(root: Path, rel: str) -> Path:
-    """ROOT/rel, refusing absolute paths and paths that leave ROOT through `..` or a symlink."""
-    normal = check_relative(rel)
-    root = Path(root)
-    path = root / normal
-    resolved_root = root.resolve()
-    if not path.resolve().is_relative_to(resolved_root):
-        raise DxError(f"image path '{rel}' escapes the image root {root} (through a symlink)")
-    return path

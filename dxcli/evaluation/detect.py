@@ -8,10 +8,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dxcli.answer import parse_answer
-from dxcli.data.tree import IMAGE_EXTS
-from dxcli.errors import DxError
-from dxcli.template import DEFAULT_QUESTION
+from dxcli.base.answer import head_verdict, parse_answer
+from dxcli.base.errors import DxError
+from dxcli.base.images import IMAGE_EXTS, load_rgb
+from dxcli.base.template import DEFAULT_QUESTION
+from dxcli.config import DxConfig
+from dxcli.model.checkpoint import load_checkpoint, resolve_model_path
+from dxcli.model.generate import encode_images, generate
+from dxcli.runtime import env
+from dxcli.runtime.dist import from_env
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -35,6 +40,18 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return paths
 
 
+def open_detector(model: str | None, config: DxConfig):
+    """The model `detect` runs: `model` (a checkpoint or run folder) or the profile's model.path,
+    on this machine's GPU when it has one, with the profile's thread count."""
+    checkpoint = resolve_model_path(model) or config.model.path
+    if checkpoint is None:
+        raise DxError("pass --model CHECKPOINT (a dx checkpoint or run folder)")
+    env.set_threads(config.hardware.threads)
+    bundle = load_checkpoint(checkpoint)
+    bundle.model.to(from_env().device).eval()
+    return bundle
+
+
 @dataclass
 class Detection:
     path: str
@@ -55,9 +72,6 @@ def detect(bundle, paths: list[Path], *, max_new_tokens: int, reasoning: bool = 
 
     Without reasoning, only the binary head runs (no text generation), and the verdict is the head's.
     """
-    from dxcli.evaluation.generate import encode_images, generate
-    from dxcli.training.sft_data import load_rgb
-
     for path in paths:
         started = time.time()
         try:
@@ -71,5 +85,5 @@ def detect(bundle, paths: list[Path], *, max_new_tokens: int, reasoning: bool = 
             verdict = parse_answer(text)
         else:
             prob = encode_images(bundle, [image])[1][0]
-            text, verdict = None, ("fake" if prob >= 0.5 else "real")
+            text, verdict = None, head_verdict(prob)
         yield Detection(str(path), verdict, prob, text, time.time() - started)

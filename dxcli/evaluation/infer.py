@@ -6,33 +6,33 @@ A rerun skips questions already answered (in OUT or any part); a torn last line 
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dxcli.answer import parse_answer
-from dxcli.errors import DxError
-from dxcli.jsonio import dumps_line, iter_jsonl, truncate_torn_tail, write_jsonl_atomic
+from dxcli import config as cfgmod
+from dxcli.base.answer import parse_answer
+from dxcli.base.errors import DxError
+from dxcli.base.images import load_rgb, safe_image_path
+from dxcli.base.jsonio import dumps_line, iter_jsonl, truncate_torn_tail, write_jsonl_atomic
+from dxcli.model.checkpoint import load_checkpoint
+from dxcli.model.generate import generate
+from dxcli.runtime import env
+from dxcli.runtime.dist import from_env
+from dxcli.runtime.progress import ProgressView
 
 QUESTION_KEYS = ("question_id", "image", "text", "label")
 
 
 @dataclass
 class InferJob:
-    run_dir: str  # where error files go (the output's folder)
+    run_dir: str  # the work folder beside OUT (job file, error files)
+    config: str  # the resolved config.yaml (eval.* and hardware.* are read from it)
     questions: str
     images: str
     out: str
     model: str
-    batch_size: int = 16
-    max_new_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    precision: str = "fp32"
-    threads: int = 0
 
 
 def load_questions(path: Path) -> list[dict[str, Any]]:
@@ -96,9 +96,6 @@ def answer_row(question: dict, text: str | None, head_prob: float | None, model_
 
 def open_images(batch: list[dict], images_root: Path) -> tuple[list, list[dict], list[dict]]:
     """(images, questions that loaded, error rows' questions with reasons)."""
-    from dxcli.data.tree import safe_image_path
-    from dxcli.training.sft_data import load_rgb
-
     images, ok, failed = [], [], []
     for question in batch:
         try:
@@ -109,73 +106,43 @@ def open_images(batch: list[dict], images_root: Path) -> tuple[list, list[dict],
     return images, ok, failed
 
 
+def model_name(checkpoint: str) -> str:
+    """What answers call the model: the checkpoint folder's name, or its run's for RUN/model."""
+    path = Path(checkpoint)
+    name = path.resolve().name if path.exists() else checkpoint
+    return path.resolve().parent.name if name == "model" else name
+
+
 def run(job: InferJob) -> None:
-
-    from dxcli.evaluation.generate import generate
-    from dxcli.model import load_checkpoint
-    from dxcli.training import runtime
-
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    """Worker side: this rank's share of the questions not answered yet, appended batch by batch."""
+    cfg = cfgmod.load(Path(job.config))
+    ev, dist = cfg.eval, from_env()
     out = Path(job.out)
-    target = out if world == 1 else out.with_name(f"{out.name}.part-{rank}")
-    questions = load_questions(Path(job.questions))[rank::world]
+    target = out if dist.world == 1 else out.with_name(f"{out.name}.part-{dist.rank}")
     done = answered_ids(out)
-    todo = [q for q in questions if str(q["question_id"]) not in done]
-    if rank == 0 and done:
+    todo = [q for q in load_questions(Path(job.questions))[dist.rank::dist.world] if str(q["question_id"]) not in done]
+    if dist.main and done:
         print(f"[infer] {len(done)} answered already; {len(todo)} to go on this rank", flush=True)
     if not todo:
         return
-    runtime.set_threads(job.threads)
-    bundle = load_checkpoint(job.model, dtype=runtime.torch_dtype(job.precision))
-    bundle.model.to(runtime.device()).eval()
-    model_name = Path(job.model).resolve().name if Path(job.model).exists() else job.model
-    if model_name == "model":  # a run folder's model/: name it after the run
-        model_name = Path(job.model).resolve().parent.name
-    progress = runtime.ProgressView(len(todo), "infer", rank == 0)
+    env.set_threads(cfg.hardware.threads)
+    bundle = load_checkpoint(job.model, dtype=env.torch_dtype(cfg.hardware.precision))
+    bundle.model.to(dist.device).eval()
+    name = model_name(job.model)
+    progress = ProgressView(len(todo), "infer", dist.main)
     started, finished = time.time(), 0
     with target.open("a", encoding="utf-8") as fh:
-        for start in range(0, len(todo), job.batch_size):
-            batch = todo[start:start + job.batch_size]
+        for start in range(0, len(todo), ev.batch_size):
+            batch = todo[start:start + ev.batch_size]
             images, ok, failed = open_images(batch, Path(job.images))
-            rows = [answer_row(q, None, None, model_name, q["_error"]) for q in failed]
+            rows = [answer_row(q, None, None, name, q["_error"]) for q in failed]
             if ok:
-                seed = job.seed + start if job.temperature > 0 else None
-                gen = generate(bundle, images, [q["text"] for q in ok], max_new_tokens=job.max_new_tokens,
-                               temperature=job.temperature, top_p=job.top_p, seed=seed)
-                rows += [answer_row(q, t, p, model_name) for q, t, p in zip(ok, gen.texts, gen.head_probs)]
-            for row in rows:
-                fh.write(dumps_line(row))
+                seed = ev.seed + start if ev.temperature > 0 else None
+                gen = generate(bundle, images, [q["text"] for q in ok], max_new_tokens=ev.max_new_tokens,
+                               temperature=ev.temperature, top_p=ev.top_p, seed=seed)
+                rows += [answer_row(q, t, p, name) for q, t, p in zip(ok, gen.texts, gen.head_probs)]
+            fh.writelines(dumps_line(row) for row in rows)
             fh.flush()
             finished += len(batch)
             progress.update(finished, {"images_per_s": finished / max(time.time() - started, 1e-9)})
     progress.close()
-
-
-def run_infer(*, model: str, questions: Path, images: Path, out: Path, config, spec=None) -> int:
-    """Parent side: check inputs, run the workers (in place or torchrun), merge. Returns answers written."""
-    from dxcli.training.launch import launch, spec_for
-    from dxcli.training.prepare import resolve_model_path
-
-    checkpoint = resolve_model_path(model)
-    if not Path(checkpoint).is_dir():
-        raise DxError(f"--model {model}: no such checkpoint folder")
-    load_questions(Path(questions))  # fail here, before any worker starts, on a bad file
-    if not Path(images).is_dir():
-        raise DxError(f"--images {images}: no such folder")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.parent / f".dx-infer-{out.name}"
-    work.mkdir(exist_ok=True)
-    ev = config.eval
-    job = InferJob(run_dir=str(work), questions=str(questions), images=str(images), out=str(out),
-                   model=checkpoint, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-                   temperature=ev.temperature, top_p=ev.top_p, seed=ev.seed, precision=config.hardware.precision,
-                   threads=config.hardware.threads)
-    from dataclasses import asdict
-
-    launch("infer", asdict(job), work, spec_for(config, spec))
-    count = merge_outputs(out)
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
-    return count

@@ -105,3 +105,25 @@ def _cell(metrics: Mapping[str, Any] | None, key: str) -> str:
     if value is None:
         return "-"
     return str(value) if key in COUNT_KEYS else f"{100 * value:.1f}"
+
+
+def print_rewards(explained: list[dict[str, Any]], summary: Mapping[str, Any], console: Console) -> None:
+    """`dx eval rewards`: one paragraph table per response in `explained` (may be empty), then the summary."""
+    for row in explained:
+        for index, response in enumerate(row["responses"]):
+            table = Table(title=escape(f"{row['image'] or '(no image)'} - response {index + 1}: answer "
+                                       f"{response['answer'] or 'none'}"), title_justify="left")
+            for column in ("paragraph", "keyword", "label", "VCR", "PCR", "reward", "adv"):
+                table.add_column(column)
+            for p in response["paragraphs"]:
+                text = p["text"] if len(p["text"]) <= 60 else p["text"][:57] + "..."
+                vcr = "-" if p["vcr"] is None else f"{p['vcr']:.3f}"
+                table.add_row(escape(text), escape(p["keyword"]), p["label"] or "-", vcr, f"{p['pcr']:.0f}",
+                              f"{p['reward']:.3f}", f"{p['advantage']:+.2f}")
+            console.print(table)
+    table = Table(title="summary", title_justify="left")
+    table.add_column("measure")
+    table.add_column("value")
+    for key, value in summary.items():
+        table.add_row(key, "-" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value)))
+    console.print(table)

@@ -1,4 +1,4 @@
-"""Metrics for answer files (SPEC section 3), computed with scikit-learn.
+"""Metrics for answer files (METHOD.md §6), computed with scikit-learn.
 
 Positive class is fake. The headline figures count every question: an answer with no parsable
 verdict (`predict: null`) is scored as the opposite of the true label, so a model cannot gain by
@@ -20,11 +20,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dxcli.answer import LABELS, label_to_int, parse_answer
-from dxcli.errors import DxError, UsageError
-from dxcli.jsonio import iter_numbered_jsonl
+from dxcli.base.answer import LABELS, head_verdict, label_to_int, parse_answer
+from dxcli.base.errors import DxError, UsageError
+from dxcli.base.jsonio import iter_numbered_jsonl
 
-HEAD_THRESHOLD = 0.5  # head_prob >= this -> fake
 MISSING_GROUP = "unknown"  # group name for lines without the --by field
 
 
@@ -146,7 +145,7 @@ def _head_metrics(rows: Sequence[Mapping[str, Any]], y_true: list[int]) -> dict[
 
     truth = [t for t, _, _ in scored]
     probs = [p for _, p, _ in scored]
-    head_pred = [int(p >= HEAD_THRESHOLD) for p in probs]
+    head_pred = [label_to_int(head_verdict(p)) for p in probs]
     if len(set(truth)) == 2:
         out["head_auc"] = float(roc_auc_score(truth, probs))
     out["head_accuracy"] = float(accuracy_score(truth, head_pred))
@@ -186,10 +185,6 @@ def score_many(rows_by_file: Mapping[str, Sequence[Mapping[str, Any]]],
 
 def score_file(path: Path, by: str = "domain") -> dict[str, Any]:
     return score_many({str(path): load_answers(path)}, by)
-
-
-def score_files(paths: Sequence[Path], by: str = "domain") -> dict[str, Any]:
-    return score_many(load_files(paths), by)
 
 
 def load_files(paths: Sequence[Path]) -> dict[str, list[dict[str, Any]]]:

@@ -17,16 +17,16 @@ from typing import Any
 
 import torch
 
-from dxcli import template
+from dxcli.base import template
+from dxcli.base.errors import DxError
 from dxcli.config import ModelConfig
-from dxcli.errors import DxError
 from dxcli.model.dxllava import DxLlavaConfig, DxLlavaForConditionalGeneration
 
 log = logging.getLogger(__name__)
 
 TINY_VISION_ARCH = "convnext_atto"  # the tiny preset's tower; depths/dims come from the config
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", template.IMAGE_TOKEN]
-# SPEC section 2: CLIP normalisation (OpenAI CLIP values).
+# METHOD.md §2: CLIP normalisation (OpenAI CLIP values).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VISION_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "pytorch_model.pth")
@@ -209,7 +209,7 @@ def build_tiny(cfg: ModelConfig, texts: list[str], seed: int = 0,
         model = DxLlavaForConditionalGeneration(config)
     _set_generation_tokens(model, tokenizer)
     bundle = ModelBundle(model, tokenizer, make_processor(tokenizer, cfg.image_size, stride))
-    _summarise(bundle, f"tiny preset ({TINY_VISION_ARCH} {tiny.vision_dims}, random init)")
+    summarise(bundle, f"tiny preset ({TINY_VISION_ARCH} {tiny.vision_dims}, random init)")
     return bundle
 
 
@@ -234,7 +234,7 @@ def compose(cfg: ModelConfig, dtype: torch.dtype | None = None, seed: int = 0) -
     _set_generation_tokens(model, tokenizer)
     bundle = ModelBundle(model, tokenizer, make_processor(tokenizer, cfg.image_size, stride),
                          notes=llm_notes + vision_notes)
-    _summarise(bundle, f"composed: vision {cfg.vision} + llm {cfg.llm}")
+    summarise(bundle, f"composed: vision {cfg.vision} + llm {cfg.llm}")
     return bundle
 
 
@@ -286,9 +286,9 @@ def _load_llm(llm: str, dtype: torch.dtype | None) -> tuple[Any, list[str]]:
     mismatched = sorted(str(k) for k in info.get("mismatched_keys") or [])
     if missing or mismatched:
         raise DxError(f"LLM '{llm}' did not load completely: {len(missing)} missing "
-                      f"({_preview(missing)}), {len(mismatched)} mismatched ({_preview(mismatched)}); "
+                      f"({preview(missing)}), {len(mismatched)} mismatched ({preview(mismatched)}); "
                       "refusing to train a partly random LLM")
-    return model, _unexpected_note(f"LLM '{llm}'", info.get("unexpected_keys"))
+    return model, unexpected_note(f"LLM '{llm}'", info.get("unexpected_keys"))
 
 
 def _load_vision(vision_config: Any, weights: str | None, dtype: torch.dtype) -> tuple[Any, list[str]]:
@@ -302,8 +302,8 @@ def _load_vision(vision_config: Any, weights: str | None, dtype: torch.dtype) ->
     source = weights or f"timm's pretrained {vision_config.architecture}"
     if missing:
         raise DxError(f"vision weights '{source}' do not fit {vision_config.architecture}: "
-                      f"{len(missing)} missing ({_preview(missing)})")
-    return tower, _unexpected_note(f"vision weights '{source}'", unexpected)
+                      f"{len(missing)} missing ({preview(missing)})")
+    return tower, unexpected_note(f"vision weights '{source}'", unexpected)
 
 
 def _vision_state_dict(arch: str, weights: str | None) -> dict[str, torch.Tensor]:
@@ -357,15 +357,15 @@ def _set_generation_tokens(model: DxLlavaForConditionalGeneration, tokenizer: An
     gen.suppress_tokens = [model.config.image_token_id]
 
 
-def _preview(keys: list[str], limit: int = 5) -> str:
+def preview(keys: list[str], limit: int = 5) -> str:
     return ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
 
 
-def _unexpected_note(what: str, unexpected: Any) -> list[str]:
+def unexpected_note(what: str, unexpected: Any) -> list[str]:
     keys = sorted(unexpected or [])
     if not keys:
         return []
-    note = f"{what}: {len(keys)} unused tensors ignored ({_preview(keys)})"
+    note = f"{what}: {len(keys)} unused tensors ignored ({preview(keys)})"
     log.warning(note)
     return [note]
 
@@ -381,60 +381,7 @@ def param_summary(model: DxLlavaForConditionalGeneration) -> str:
     return "params: " + ", ".join(parts)
 
 
-def _summarise(bundle: ModelBundle, origin: str) -> None:
+def summarise(bundle: ModelBundle, origin: str) -> None:
     line = f"DX-LLaVA {origin}; {param_summary(bundle.model)}; {image_token_count(bundle.processor)} image tokens"
     log.info(line)
     bundle.notes.append(line)
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(bundle: ModelBundle, path: str | Path, state_dict: dict | None = None) -> None:
-    """A `save_pretrained` folder (safetensors) with tokenizer and processor beside it.
-    `state_dict`: a gathered state dict (e.g. under ZeRO-3), passed to save_pretrained."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    bundle.model.save_pretrained(path, state_dict=state_dict)
-    bundle.processor.save_pretrained(path)
-    bundle.tokenizer.save_pretrained(path)
-
-
-def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> ModelBundle:
-    """Model, tokenizer and processor from a dx checkpoint folder (dtype None: as saved)."""
-    from transformers import LlavaProcessor
-
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise DxError(f"not a dx checkpoint: {path} has no config.json" if path.is_dir()
-                      else f"checkpoint folder not found: {path}")
-    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    if model_type != DxLlavaConfig.model_type:
-        raise DxError(f"not a dx checkpoint: {path} holds a '{model_type}' model, expected "
-                      f"'{DxLlavaConfig.model_type}' (compose one with model.llm/model.vision instead)")
-    model, info = DxLlavaForConditionalGeneration.from_pretrained(
-        path, dtype=dtype or "auto", output_loading_info=True
-    )
-    missing = sorted(info.get("missing_keys") or [])
-    if missing:
-        raise DxError(f"checkpoint {path} is incomplete: {len(missing)} missing tensors ({_preview(missing)})")
-    try:
-        processor = LlavaProcessor.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise DxError(f"checkpoint {path} has no usable tokenizer/processor: {exc}") from None
-    bundle = ModelBundle(model, processor.tokenizer, processor,
-                         notes=_unexpected_note(f"checkpoint {path}", info.get("unexpected_keys")))
-    _summarise(bundle, f"checkpoint {path}")
-    return bundle
-
-
-def build_model(cfg: ModelConfig, texts: list[str] | None = None, dtype: torch.dtype | None = None) -> ModelBundle:
-    """The one entry point: `cfg.path` -> checkpoint; preset tiny -> build_tiny; else compose."""
-    if cfg.path:
-        return load_checkpoint(cfg.path, dtype=dtype)
-    if cfg.preset == "tiny":
-        if texts is None:
-            raise DxError("the tiny preset trains its tokenizer on the records' text: pass texts")
-        return build_tiny(cfg, texts, dtype=dtype)
-    return compose(cfg, dtype=dtype)

@@ -32,6 +32,14 @@ class DxLlavaOutput(FastVlmCausalLMOutputWithPast):
     bin_loss: torch.FloatTensor | None = None
 
 
+def binary_loss(head_logits: torch.Tensor, binary_labels: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits over the images with a known label (-1 marks unknown; then 0, kept in the graph)."""
+    known = binary_labels >= 0
+    if not known.any():
+        return head_logits.sum() * 0.0
+    return nn.functional.binary_cross_entropy_with_logits(head_logits[known].float(), binary_labels[known].float())
+
+
 class DxLlavaForConditionalGeneration(FastVlmForConditionalGeneration):
     config_class = DxLlavaConfig
     config: DxLlavaConfig
@@ -99,7 +107,7 @@ class DxLlavaForConditionalGeneration(FastVlmForConditionalGeneration):
         **kwargs,
     ) -> DxLlavaOutput:
         """FastVlm's forward (LM loss when `labels`) plus `head_logits` whenever an image was
-        encoded, and `bin_loss` (BCE-with-logits) when `binary_labels` (1 = fake) are given."""
+        encoded, and `bin_loss` when `binary_labels` (1 = fake, 0 = real, -1 = unknown) are given."""
         out = super().forward(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -121,9 +129,7 @@ class DxLlavaForConditionalGeneration(FastVlmForConditionalGeneration):
         if binary_labels is not None:
             if head_logits is None:
                 raise ValueError("binary_labels need an image (pixel_values or mm_encoder_outputs)")
-            bin_loss = nn.functional.binary_cross_entropy_with_logits(
-                head_logits.float(), binary_labels.to(head_logits.device).float()
-            )
+            bin_loss = binary_loss(head_logits, binary_labels.to(head_logits.device))
         return DxLlavaOutput(**out, head_logits=head_logits, bin_loss=bin_loss)
 
     # ------------------------------------------------------------------ freezing
@@ -170,6 +176,3 @@ def register_auto_classes() -> None:
     """Let AutoConfig/AutoModelForImageTextToText open dx checkpoint folders too."""
     AutoConfig.register(DxLlavaConfig.model_type, DxLlavaConfig, exist_ok=True)
     AutoModelForImageTextToText.register(DxLlavaConfig, DxLlavaForConditionalGeneration, exist_ok=True)
-
-
-register_auto_classes()

@@ -1,4 +1,4 @@
-"""PRPO and GRPO building blocks (SPEC section 4).
+"""PRPO and GRPO building blocks (METHOD.md §7-§13).
 
 - `paragraphs`: split a response into paragraphs with character spans and map generated tokens
   onto them (every token belongs to exactly one paragraph).

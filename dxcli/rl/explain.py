@@ -11,13 +11,16 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from dxcli.errors import DxError
-from dxcli.jsonio import read_json_or_jsonl
+from dxcli.base.errors import DxError
+from dxcli.base.images import load_rgb, safe_image_path
+from dxcli.base.jsonio import read_json_or_jsonl
+from dxcli.config import PrpoConfig
 from dxcli.rl.objective import prpo_advantages
 from dxcli.rl.rewards import (
     ClipScorer,
     Lexicon,
     default_lexicon,
+    load_lexicon,
     paragraph_rewards,
     score_response,
 )
@@ -110,10 +113,20 @@ def explain(
     return explained
 
 
-def _open_image(relative: str, root: Path | None) -> Any:
-    from dxcli.data.tree import safe_image_path
-    from dxcli.training.sft_data import load_rgb
+def explain_file(path: Path, *, images_root: Path | None, prpo: PrpoConfig, use_clip: bool = True
+                 ) -> list[dict[str, Any]]:
+    """`explain` for a rollouts or answers file with the reward settings of a config's prpo section
+    (its CLIP when `use_clip` and one is set, its lexicon)."""
+    rows = rows_from_file(Path(path))
+    if not rows:
+        raise DxError(f"{path}: no rows to explain")
+    clip = ClipScorer.load(prpo.clip) if use_clip and prpo.clip else None
+    lexicon = load_lexicon(Path(prpo.lexicon) if prpo.lexicon else None)
+    return explain(rows, images_root=images_root, clip=clip, lexicon=lexicon, a=prpo.vcr_weight,
+                   b=prpo.pcr_weight, eps=prpo.adv_eps)
 
+
+def _open_image(relative: str, root: Path | None) -> Any:
     path = safe_image_path(Path(root), relative) if root is not None else Path(relative)
     if not path.is_file():
         hint = "" if root is not None else " (pass the image root with --images)"

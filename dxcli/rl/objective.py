@@ -1,4 +1,4 @@
-"""PRPO / GRPO advantages and the token-level clipped surrogate loss (SPEC section 4).
+"""PRPO / GRPO advantages and the token-level clipped surrogate loss (METHOD.md §11-§13).
 
 Advantages use the population standard deviation (divide by N, not N - 1):
 `A = (R - mean) / (std + eps)` over all paragraphs of the G responses of one image (PRPO) or over

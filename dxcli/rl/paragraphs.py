@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dxcli.answer import answer_span
+from dxcli.base.answer import answer_span
 
 PARAGRAPH_SEPARATOR = re.compile(r"\n\s*\n")
 

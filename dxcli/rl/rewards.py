@@ -1,4 +1,4 @@
-"""PRPO paragraph rewards (SPEC section 4): keywords, evidence labels, PCR, VCR with a frozen CLIP.
+"""PRPO paragraph rewards (METHOD.md §9-§10): keywords, evidence labels, PCR, VCR with a frozen CLIP.
 
 Reward of paragraph j of a response: `R_j = a * VCR_j + b * PCR_j` (a = b = 0.5).
 - A response without a parsable answer gets R = 0 on every paragraph.
@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from dxcli.answer import LABELS, parse_answer
-from dxcli.errors import DxError
+from dxcli.base.answer import LABELS, parse_answer
+from dxcli.base.errors import DxError
 from dxcli.rl.paragraphs import Paragraph, split_paragraphs
 
 if TYPE_CHECKING:

@@ -1,31 +1,64 @@
-"""Align and instruct: one supervised training loop on DeepSpeed, read top to bottom.
+"""Align and instruct: one supervised recipe on DeepSpeed (METHOD.md §5).
 
-setup (config, process group, model, data, engine) -> resume -> train (log, checkpoint) -> save.
-Align trains the projector and binary head; instruct adds the LLM (and, for towers without
-pretrained weights, the vision tower). L = L_lm + alpha * L_bin in both.
+`setup(job) -> state`, `train_step(state, batch)`, `save(state)`; `run` composes them with
+resume, logging and checkpoints. Align trains the projector and binary head; instruct adds the
+LLM (and, for towers without pretrained weights, the vision tower). L = L_lm + alpha * L_bin.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dxcli import config as cfgmod
-from dxcli.training import runtime
+import torch
 
+from dxcli import config as cfgmod
+from dxcli.data.records import load_records
+from dxcli.model.build import image_token_count
+from dxcli.model.checkpoint import build_model, load_checkpoint
+from dxcli.runtime import env
+from dxcli.runtime.dist import Dist, all_reduce_sum, init_distributed
+from dxcli.runtime.metrics import MetricsLog
+from dxcli.runtime.progress import ProgressView
+from dxcli.training import engine as ds
+from dxcli.training import state as saved_state
+from dxcli.training.sampler import ResumableShardSampler
+from dxcli.training.sft_data import SftDataset
 
 
 @dataclass
 class SftJob:
     stage: str  # align | instruct
     run_dir: str
+    config: str  # the run's resolved config.yaml
     records: str  # records JSONL prepared (and checked) by the launching command
     images: str
     model: str | None  # checkpoint folder; None -> the config's model section
     resume: bool = False
+
+
+@dataclass
+class SftState:
+    """Everything the loop carries from step to step."""
+
+    job: SftJob
+    cfg: cfgmod.DxConfig
+    dist: Dist
+    bundle: Any
+    engine: Any
+    scheduler: Any
+    loader: Any
+    sampler: ResumableShardSampler
+    alpha: float
+    total_steps: int
+    micro_per_epoch: int
+    step: int = 0
+    epoch: int = 0
+    micro_in_epoch: int = 0
+    window: dict[str, float] = field(default_factory=dict)
 
 
 def frozen_parts(stage: str, cfg: cfgmod.DxConfig) -> dict[str, bool]:
@@ -42,143 +75,137 @@ def stage_settings(stage: str, cfg: cfgmod.DxConfig) -> tuple[float, float, floa
     return section.lr, epochs, section.bin_alpha
 
 
-def binary_loss(head_logits, binary_labels):
-    """BCE-with-logits over records with a known label (-1 marks unknown)."""
-    import torch
-
-    known = binary_labels >= 0
-    if not known.any():
-        return head_logits.sum() * 0.0
-    return torch.nn.functional.binary_cross_entropy_with_logits(
-        head_logits[known].float(), binary_labels[known].float())
-
-
-def run(job: SftJob) -> Path:
-    # ------------------------------------------------------------------ setup
-    import deepspeed
+def setup(job: SftJob) -> SftState:
     from torch.utils.data import DataLoader
-    from transformers import get_cosine_schedule_with_warmup
 
-    from dxcli.data.records import load_records
-    from dxcli.model import build_model, image_token_count, load_checkpoint
-    from dxcli.training.sft_data import ResumableShardSampler, SftDataset
-
-    run_dir = Path(job.run_dir)
-    cfg = cfgmod.load(run_dir / "config.yaml")
-    dist = runtime.init_distributed()
-    runtime.seed_everything(cfg.train.seed)
-    runtime.set_threads(cfg.hardware.threads)
+    cfg = cfgmod.load(Path(job.config))
+    dist = init_distributed()
+    env.seed_everything(cfg.train.seed)
+    env.set_threads(cfg.hardware.threads)
     lr, epochs, alpha = stage_settings(job.stage, cfg)
     hw = cfg.hardware
-
+    # the model: a checkpoint (or the composed one), with this stage's trainable parts
     records = load_records(Path(job.records))
     bundle = load_checkpoint(job.model) if job.model else build_model(cfg.model, [r.answer for r in records])
-    model = bundle.model
-    model.freeze(**frozen_parts(job.stage, cfg))
+    bundle.model.freeze(**frozen_parts(job.stage, cfg))
     if cfg.train.grad_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.config.use_cache = False
-
+        bundle.model.gradient_checkpointing_enable()
+    bundle.model.config.use_cache = False
+    # the data: every rank its own shard, in an order that can restart mid-epoch
     dataset = SftDataset(records, Path(job.images), bundle.tokenizer, bundle.processor.image_processor,
                          image_token_count(bundle.processor), cfg.train.max_length)
     sampler = ResumableShardSampler(len(dataset), dist.rank, dist.world, cfg.train.seed)
     loader = DataLoader(dataset, batch_size=hw.micro_batch, sampler=sampler, collate_fn=dataset.collate,
                         num_workers=hw.num_workers, persistent_workers=hw.num_workers > 0)
     micro_per_epoch = math.ceil(len(sampler.shard(0)) / hw.micro_batch)
-    steps_per_epoch = max(1, micro_per_epoch // hw.grad_accum)
-    total_steps = max(1, math.ceil(epochs * steps_per_epoch))
+    total_steps = max(1, math.ceil(epochs * max(1, micro_per_epoch // hw.grad_accum)))
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
-    warmup = int(cfg.train.warmup_ratio * total_steps)
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=trainable, config=runtime.deepspeed_config(cfg, lr=lr),
-        lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, warmup, total_steps))
-
-    log = runtime.MetricsLog(run_dir / "metrics.jsonl", dist.main)
-    ckpt_dir = run_dir / "checkpoints"
+    # the engine: DeepSpeed around the trainable parameters
+    engine, scheduler = ds.initialize(bundle.model, ds.deepspeed_config(cfg, lr=lr, world=dist.world),
+                                      total_steps, cfg.train.warmup_ratio)
     if dist.main:
-        n_train = sum(p.numel() for p in trainable)
+        n_train = sum(p.numel() for p in bundle.model.parameters() if p.requires_grad)
         print(f"[{job.stage}] {len(dataset)} records, {dataset.truncated} truncated to "
               f"train.max_length={cfg.train.max_length}; {n_train:,} trainable parameters; "
               f"{total_steps} steps on {dist.world} process(es)", flush=True)
-
-    # ------------------------------------------------------------------ resume
-    step, epoch, micro_in_epoch = 0, 0, 0
-    client = runtime.load_training_state(engine, ckpt_dir) if job.resume else None
-    if client:
-        step, epoch, micro_in_epoch = client["step"], client["epoch"], client["micro_in_epoch"]
-        if dist.main:
-            print(f"[{job.stage}] resumed from {client['tag']} (step {step}, epoch {epoch})", flush=True)
-
-    def save_state() -> None:
-        runtime.save_training_state(engine, ckpt_dir, step, {"epoch": epoch, "micro_in_epoch": micro_in_epoch},
-                                    cfg.train.keep_checkpoints)
-
-    # ------------------------------------------------------------------ train
-    engine.train()
-    progress = runtime.ProgressView(total_steps, job.stage, dist.main, start=step)
-    stop_after = runtime.stop_after_step()
-    window: dict[str, float] = {"loss": 0.0, "lm_loss": 0.0, "bin_loss": 0.0, "tokens": 0.0, "micro": 0.0}
-    window_start = time.time()
-    while step < total_steps:
-        sampler.set_position(epoch, micro_in_epoch * hw.micro_batch)
-        for batch in loader:
-            out = engine(input_ids=batch["input_ids"].to(engine.device),
-                         attention_mask=batch["attention_mask"].to(engine.device),
-                         pixel_values=batch["pixel_values"].to(engine.device, next(engine.module.parameters()).dtype),
-                         labels=batch["labels"].to(engine.device))
-            bin_loss = binary_loss(out.head_logits, batch["binary_labels"].to(engine.device))
-            loss = out.loss + alpha * bin_loss
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
-            micro_in_epoch += 1
-            window["loss"] += loss.item()
-            window["lm_loss"] += out.loss.item()
-            window["bin_loss"] += bin_loss.item()
-            window["tokens"] += batch["attention_mask"].sum().item()
-            window["micro"] += 1
-            if not boundary:
-                continue
-            step += 1
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                row = reduce_window(window, time.time() - window_start, dist.world)
-                row.update(step=step, epoch=epoch + micro_in_epoch / micro_per_epoch, lr=scheduler.get_last_lr()[0])
-                log.write(row)
-                progress.update(step, {k: row[k] for k in ("loss", "lm_loss", "bin_loss", "lr", "tokens_per_s")})
-                window = dict.fromkeys(window, 0.0)
-                window_start = time.time()
-            if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == stop_after:
-                save_state()
-            if step == stop_after:
-                progress.close()
-                raise SystemExit(f"[{job.stage}] stopped after step {step} ({runtime.STOP_AFTER_ENV})")
-            if step >= total_steps:
-                break
-        else:
-            epoch, micro_in_epoch = epoch + 1, 0
-    progress.close()
-    save_state()
-
-    # ------------------------------------------------------------------ save
-    out_dir = run_dir / "model"
-    runtime.save_final_model(engine, bundle, out_dir, hw.zero_stage)
-    if dist.main:
-        print(f"[{job.stage}] saved {out_dir}", flush=True)
-    return out_dir
+    return SftState(job, cfg, dist, bundle, engine, scheduler, loader, sampler, alpha, total_steps,
+                    micro_per_epoch, window=empty_window())
 
 
-def reduce_window(window: dict[str, float], seconds: float, world: int) -> dict[str, Any]:
+def empty_window() -> dict[str, float]:
+    return dict.fromkeys(("loss", "lm_loss", "bin_loss", "tokens", "micro"), 0.0)
+
+
+def train_step(state: SftState, batch: dict[str, torch.Tensor]) -> bool:
+    """One micro-batch forward/backward; True when it completed an optimizer step."""
+    engine = state.engine
+    dtype = next(engine.module.parameters()).dtype
+    # forward: L_lm from the model, L_bin from the head over the same image features
+    out = engine(input_ids=batch["input_ids"].to(engine.device),
+                 attention_mask=batch["attention_mask"].to(engine.device),
+                 pixel_values=batch["pixel_values"].to(engine.device, dtype),
+                 labels=batch["labels"].to(engine.device), binary_labels=batch["binary_labels"].to(engine.device))
+    bin_loss = out.bin_loss
+    loss = out.loss + state.alpha * bin_loss
+    # backward and step: DeepSpeed accumulates until its boundary, then steps
+    engine.backward(loss)
+    boundary = engine.is_gradient_accumulation_boundary()
+    engine.step()
+    state.micro_in_epoch += 1
+    for key, value in (("loss", loss), ("lm_loss", out.loss), ("bin_loss", bin_loss)):
+        state.window[key] += value.item()
+    state.window["tokens"] += batch["attention_mask"].sum().item()
+    state.window["micro"] += 1
+    if boundary:
+        state.step += 1
+    return boundary
+
+
+def reduce_window(window: dict[str, float], seconds: float, dist: Dist) -> dict[str, Any]:
     """Average the logged window over micro-batches and ranks; tokens/s summed over ranks."""
-    import torch
-
-    values = torch.tensor([window["loss"], window["lm_loss"], window["bin_loss"], window["tokens"], window["micro"]],
-                          dtype=torch.float64)
-    if world > 1:
-        torch.distributed.all_reduce(values)
-    loss, lm, bin_, tokens, micro = values.tolist()
+    loss, lm, bin_, tokens, micro = all_reduce_sum(
+        [window["loss"], window["lm_loss"], window["bin_loss"], window["tokens"], window["micro"]], dist)
     micro = max(micro, 1.0)
     return {"loss": loss / micro, "lm_loss": lm / micro, "bin_loss": bin_ / micro,
             "tokens_per_s": tokens / max(seconds, 1e-9)}
+
+
+def checkpoint(state: SftState) -> None:
+    saved_state.save_training_state(state.engine, Path(state.job.run_dir) / "checkpoints", state.step,
+                                    {"epoch": state.epoch, "micro_in_epoch": state.micro_in_epoch},
+                                    state.cfg.train.keep_checkpoints, state.dist)
+
+
+def resume(state: SftState) -> None:
+    client = saved_state.load_training_state(state.engine, Path(state.job.run_dir) / "checkpoints", state.dist)
+    if client:
+        state.step, state.epoch, state.micro_in_epoch = client["step"], client["epoch"], client["micro_in_epoch"]
+        if state.dist.main:
+            print(f"[{state.job.stage}] resumed from {client['tag']} (step {state.step}, epoch {state.epoch})",
+                  flush=True)
+
+
+def save(state: SftState) -> Path:
+    """The final checkpoint (resumable) and the model folder (gathered under ZeRO-3)."""
+    checkpoint(state)
+    out_dir = Path(state.job.run_dir) / "model"
+    saved_state.save_final_model(state.engine, state.bundle, out_dir, state.cfg.hardware.zero_stage, state.dist)
+    if state.dist.main:
+        print(f"[{state.job.stage}] saved {out_dir}", flush=True)
+    return out_dir
+
+
+def run(job: SftJob) -> Path:
+    state = setup(job)
+    if job.resume:
+        resume(state)
+    train = state.cfg.train
+    log = MetricsLog(Path(job.run_dir) / "metrics.jsonl", state.dist.main)
+    progress = ProgressView(state.total_steps, job.stage, state.dist.main, start=state.step)
+    stop_after = env.stop_after_step()
+    state.engine.train()
+    window_start = time.time()
+    while state.step < state.total_steps:
+        state.sampler.set_position(state.epoch, state.micro_in_epoch * state.cfg.hardware.micro_batch)
+        for batch in state.loader:
+            if not train_step(state, batch):
+                continue
+            if state.step % train.log_every == 0 or state.step == state.total_steps:
+                row = reduce_window(state.window, time.time() - window_start, state.dist)
+                row.update(step=state.step, epoch=state.epoch + state.micro_in_epoch / state.micro_per_epoch,
+                           lr=state.scheduler.get_last_lr()[0])
+                log.write(row)
+                progress.update(state.step, {k: row[k] for k in ("loss", "lm_loss", "bin_loss", "lr", "tokens_per_s")})
+                state.window, window_start = empty_window(), time.time()
+            if (train.save_every and state.step % train.save_every == 0) or state.step == stop_after:
+                checkpoint(state)
+            if state.step == stop_after:
+                progress.close()
+                raise SystemExit(f"[{job.stage}] stopped after step {state.step} ({env.STOP_AFTER_ENV})")
+            if state.step >= state.total_steps:
+                break
+        else:
+            state.epoch, state.micro_in_epoch = state.epoch + 1, 0
+    progress.close()
+    return save(state)

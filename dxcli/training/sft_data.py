@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
-from dxcli import template
+from dxcli.base.errors import DxError
+from dxcli.base.images import load_rgb
 from dxcli.data.records import Record
-from dxcli.errors import DxError
+from dxcli.model.generate import expanded_prompt
 
 IGNORE_INDEX = -100
-
-
-def expanded_prompt(question: str, image_tokens: int) -> str:
-    """The template's prompt with `<image>` repeated once per image token (the model fills them)."""
-    return template.prompt(question).replace(template.IMAGE_TOKEN, template.IMAGE_TOKEN * image_tokens, 1)
 
 
 @dataclass
@@ -40,39 +35,6 @@ def tokenize_pair(tokenizer, question: str, answer: str, image_tokens: int, max_
     truncated = len(answer_ids) > room
     answer_ids = answer_ids[:room]
     return Tokenized(prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids, truncated)
-
-
-def load_rgb(path: Path):
-    from PIL import Image
-
-    with Image.open(path) as img:
-        from PIL import ImageOps
-
-        return ImageOps.exif_transpose(img).convert("RGB")
-
-
-def find_bad_images(records: list[Record], images_root: Path, workers: int = 8) -> list[tuple[str, str]]:
-    """(image, reason) for every record whose image is missing or cannot be decoded."""
-    from PIL import Image
-
-    from dxcli.data.tree import safe_image_path
-
-    def problem(record: Record) -> tuple[str, str] | None:
-        try:
-            path = safe_image_path(images_root, record.image)
-        except DxError as exc:
-            return record.image, str(exc)
-        if not path.is_file():
-            return record.image, "missing"
-        try:
-            with Image.open(path) as img:
-                img.load()
-        except Exception as exc:  # any decoder failure means the image is unusable
-            return record.image, f"unreadable ({type(exc).__name__}: {exc})"
-        return None
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return [p for p in pool.map(problem, records) if p is not None]
 
 
 class SftDataset(Dataset):
@@ -112,31 +74,3 @@ class SftDataset(Dataset):
         return {"input_ids": ids, "labels": labels, "attention_mask": mask,
                 "pixel_values": torch.stack([b["pixel_values"] for b in batch]),
                 "binary_labels": torch.tensor([b["binary_label"] for b in batch])}
-
-
-class ResumableShardSampler(Sampler[int]):
-    """A seeded per-epoch shuffle, sharded by rank, that can start mid-epoch (for --resume).
-
-    Every rank gets the same number of indices (the shard is padded by wrapping), so ranks step together.
-    """
-
-    def __init__(self, size: int, rank: int, world: int, seed: int):
-        self.size, self.rank, self.world, self.seed = size, rank, world, seed
-        self.epoch = 0
-        self.start = 0
-
-    def set_position(self, epoch: int, start: int) -> None:
-        self.epoch, self.start = epoch, start
-
-    def shard(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        per_rank = -(-self.size // self.world)
-        order += order[: per_rank * self.world - self.size]
-        return order[self.rank::self.world]
-
-    def __len__(self) -> int:
-        return -(-self.size // self.world) - self.start
-
-    def __iter__(self):
-        return iter(self.shard(self.epoch)[self.start:])

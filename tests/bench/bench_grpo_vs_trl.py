@@ -73,7 +73,7 @@ def build_checkpoint(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
 
     from dxcli import config
     from dxcli.data.demo import make_demo
-    from dxcli.training.stages import run_sft_stage
+    from dxcli.jobs.stages import run_sft_stage
 
     data = work / "data"
     if not (data / "reasoning.jsonl").is_file():
@@ -116,17 +116,17 @@ def summarise(ends: list[float], tokens_per_step: list[float], warmup: int = 1) 
 
 def run_dx(work: Path, data: Path, checkpoint: Path, args: argparse.Namespace) -> dict:
     from dxcli import config
-    from dxcli.training import runtime
-    from dxcli.training.stages import run_prpo_stage
+    from dxcli.runtime.metrics import MetricsLog
+    from dxcli.jobs.stages import run_prpo_stage
 
     ends: list[float] = []
-    write = runtime.MetricsLog.write
+    write = MetricsLog.write
 
     def stamped(self, row):  # the loop logs every step (train.log_every=1): stamp each step's end
         write(self, row)
         ends.append(time.perf_counter())
 
-    runtime.MetricsLog.write = stamped
+    MetricsLog.write = stamped
     sequences = args.images_per_step * args.group_size
     sets = ["hardware.num_workers=0", f"hardware.threads={args.threads}", "train.log_every=1",
             f"train.max_steps={args.steps}", "prpo.epochs=100", "prpo.algo=grpo", "prpo.labels=gt", "prpo.beta=0",
@@ -147,8 +147,8 @@ def run_dx(work: Path, data: Path, checkpoint: Path, args: argparse.Namespace) -
 
 
 def vicuna_chat_template() -> str:
-    """A Jinja chat template rendering exactly dxcli.template.prompt(question) (BOS added by the tokenizer)."""
-    from dxcli import template
+    """A Jinja chat template rendering exactly dxcli.base.template.prompt(question) (BOS added by the tokenizer)."""
+    from dxcli.base import template
 
     return ("{%- for message in messages -%}{%- if message['role'] == 'user' -%}"
             + template.SYSTEM + " USER: "
@@ -160,8 +160,8 @@ def vicuna_chat_template() -> str:
 
 def check_same_prompt(bundle, processor, image) -> None:
     """TRL's prompt ids (chat template + processor) must equal dx's (template + <image> expansion)."""
-    from dxcli.evaluation.generate import encode_prompts
-    from dxcli.template import DEFAULT_QUESTION
+    from dxcli.model.generate import encode_prompts
+    from dxcli.base.template import DEFAULT_QUESTION
 
     dx_ids = encode_prompts(bundle, [DEFAULT_QUESTION])[0][0].tolist()
     messages = [{"role": "user", "content": [{"type": "image", "image": image},
@@ -178,10 +178,10 @@ def run_trl(work: Path, data: Path, checkpoint: Path, args: argparse.Namespace) 
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from dxcli.answer import parse_answer
-    from dxcli.model import load_checkpoint
-    from dxcli.template import DEFAULT_QUESTION
-    from dxcli.training.sft_data import load_rgb
+    from dxcli.base.answer import parse_answer
+    from dxcli.model.checkpoint import load_checkpoint
+    from dxcli.base.template import DEFAULT_QUESTION
+    from dxcli.base.images import load_rgb
 
     torch.set_num_threads(args.threads)
     bundle = load_checkpoint(checkpoint)

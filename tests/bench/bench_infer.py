@@ -15,9 +15,9 @@ from pathlib import Path
 from dxcli import config
 from dxcli.data.demo import make_demo
 from dxcli.data.questions import generate_questions
-from dxcli.evaluation.infer import run_infer
-from dxcli.jsonio import write_jsonl_atomic
-from dxcli.training.stages import run_sft_stage
+from dxcli.jobs.stages import run_infer
+from dxcli.base.jsonio import write_jsonl_atomic
+from dxcli.jobs.stages import run_sft_stage
 
 
 def main() -> None:

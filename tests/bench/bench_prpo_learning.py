@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-train", type=int, default=100, help="demo train images per domain")
     parser.add_argument("--n-test", type=int, default=24, help="demo test images per domain")
     parser.add_argument("--final-credit", choices=("paragraph", "verdict"), default="paragraph",
-                        help="prpo.final_credit (paragraph: SPEC; verdict: only the verdict word)")
+                        help="prpo.final_credit (paragraph: METHOD.md §11; verdict: only the verdict word)")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="extra --set for the PRPO run")
     parser.add_argument("--keep", type=Path, default=None,
                         help="work folder, kept and reused (data, align, instruct); default: a temp folder")
@@ -71,7 +71,7 @@ def build_weak_instruct(work: Path, args: argparse.Namespace) -> tuple[Path, Pat
     """Demo data, align, and an instruct run stopped early; returns (data, instruct model)."""
     from dxcli import config
     from dxcli.data.demo import make_demo
-    from dxcli.training.stages import run_sft_stage
+    from dxcli.jobs.stages import run_sft_stage
 
     data = work / "data"
     if not (data / "reasoning.jsonl").is_file():
@@ -100,7 +100,7 @@ def prpo_sets(args: argparse.Namespace) -> list[str]:
 
 def run_prpo(work: Path, data: Path, instruct: Path, args: argparse.Namespace) -> tuple[Path, list[dict]]:
     from dxcli import config
-    from dxcli.training.stages import run_prpo_stage
+    from dxcli.jobs.stages import run_prpo_stage
 
     run = work / "prpo"
     model = run_prpo_stage(out=run, resolved=config.resolve("cpu-tiny", prpo_sets(args)), model=str(instruct),
@@ -115,9 +115,9 @@ def run_prpo(work: Path, data: Path, instruct: Path, args: argparse.Namespace) -
 def greedy_eval(model: Path, questions: Path, data: Path, out: Path) -> dict[str, float]:
     """Greedy answers on the test questions: F1, invalid rate, final-paragraph consistency."""
     from dxcli import config
-    from dxcli.evaluation.infer import run_infer
+    from dxcli.jobs.stages import run_infer
     from dxcli.evaluation.score import score_file
-    from dxcli.jsonio import iter_jsonl
+    from dxcli.base.jsonio import iter_jsonl
     from dxcli.rl.rewards import score_response
 
     out.unlink(missing_ok=True)
@@ -136,10 +136,10 @@ def sampled_eval(model: Path, data: Path, args: argparse.Namespace, chunk: int =
 
     from dxcli import config
     from dxcli.data.questions import generate_questions
-    from dxcli.model import load_checkpoint
-    from dxcli.rl.prpo import rollout
+    from dxcli.model.checkpoint import load_checkpoint
+    from dxcli.training.prpo import rollout
     from dxcli.rl.rewards import load_lexicon
-    from dxcli.training.sft_data import load_rgb
+    from dxcli.base.images import load_rgb
 
     torch.set_num_threads(1)
     cfg = config.resolve("cpu-tiny", [*prpo_sets(args), "prpo.algo=prpo"]).config.prpo
@@ -183,7 +183,7 @@ def main() -> int:
         seconds["data+align+instruct"] = time.time() - t
 
         from dxcli.data.questions import generate_questions
-        from dxcli.jsonio import write_jsonl_atomic
+        from dxcli.base.jsonio import write_jsonl_atomic
 
         questions = work / "questions.jsonl"
         write_jsonl_atomic(questions, generate_questions(data, n=None, seed=0, balanced=False, split="test")[0])

@@ -1,4 +1,4 @@
-"""Batched generation shared by eval infer, detect and PRPO rollouts.
+"""The one inference engine: batched generation shared by eval infer, detect and PRPO rollouts.
 
 Image features are computed once per image and reused by every sample drawn for it; prompts are
 left-padded so a batch decodes with one KV cache.
@@ -11,7 +11,13 @@ from typing import Any
 
 import torch
 
-from dxcli.training.sft_data import expanded_prompt
+from dxcli.base import template
+from dxcli.model.build import image_token_count
+
+
+def expanded_prompt(question: str, image_tokens: int) -> str:
+    """The template's prompt with `<image>` repeated once per image token (the model fills them)."""
+    return template.prompt(question).replace(template.IMAGE_TOKEN, template.IMAGE_TOKEN * image_tokens, 1)
 
 
 @dataclass
@@ -25,12 +31,15 @@ class Generation:
 
 
 def encode_prompts(bundle, questions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    from dxcli.model import image_token_count
-
+    """Left-padded prompt ids and mask (one KV cache decodes the batch); the tokenizer's own
+    padding side is restored, since training pads on the right with the same tokenizer."""
     tokenizer = bundle.tokenizer
-    tokenizer.padding_side = "left"
     n_tokens = image_token_count(bundle.processor)
-    enc = tokenizer([expanded_prompt(q, n_tokens) for q in questions], padding=True, return_tensors="pt")
+    previous, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        enc = tokenizer([expanded_prompt(q, n_tokens) for q in questions], padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = previous
     return enc["input_ids"], enc["attention_mask"]
 
 
@@ -63,14 +72,16 @@ def generate(bundle, images: list[Any], questions: list[str], *, max_new_tokens:
         mask_g = mask.repeat_interleave(samples_per_image, dim=0)
     else:
         mask_g = mask
-    if seed is not None:
-        torch.manual_seed(seed)
     sampling = temperature > 0
     tokenizer = bundle.tokenizer
-    out = model.generate(
-        inputs_embeds=embeds, attention_mask=mask_g, max_new_tokens=max_new_tokens, do_sample=sampling,
-        temperature=temperature if sampling else None, top_p=top_p if sampling else None, top_k=None,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
+    # a seeded draw must not move the caller's RNG (training's data order, dropout): fork it
+    with torch.random.fork_rng(devices=_rng_devices(device), enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = model.generate(
+            inputs_embeds=embeds, attention_mask=mask_g, max_new_tokens=max_new_tokens, do_sample=sampling,
+            temperature=temperature if sampling else None, top_p=top_p if sampling else None, top_k=None,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
     token_ids = [strip_after_eos(row.tolist(), tokenizer.eos_token_id, tokenizer.pad_token_id) for row in out]
     texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in token_ids]
     return Generation(texts, token_ids, head_probs, ids, mask, features)
@@ -83,3 +94,7 @@ def strip_after_eos(row: list[int], eos_id: int, pad_id: int) -> list[int]:
     while row and row[-1] == pad_id:
         row = row[:-1]
     return row
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    return [device.index or 0] if device.type == "cuda" else []

@@ -3,16 +3,18 @@ launcher with a hostfile) for several. Ctrl-C stops every worker; a worker's fai
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dxcli.errors import DxError
+from dxcli.base.errors import DxError
+from dxcli.config import DxConfig
+from dxcli.jobs.registry import run_task, write_job
+from dxcli.runtime.dist import free_port
 
 
 @dataclass
@@ -25,10 +27,8 @@ class LaunchSpec:
     hostfile: str | None = None
 
 
-def spec_for(config, spec: LaunchSpec | None = None) -> LaunchSpec:
+def spec_for(config: DxConfig, spec: LaunchSpec | None = None) -> LaunchSpec:
     """`spec` (addresses, node rank, hostfile) with the process counts of the run's own config."""
-    from dataclasses import replace
-
     return replace(spec or LaunchSpec(), nproc_per_node=config.hardware.nproc_per_node,
                    nnodes=config.hardware.nnodes)
 
@@ -38,24 +38,21 @@ def worker_command(spec: LaunchSpec, job_file: Path) -> list[str]:
     if spec.hostfile:
         return ["deepspeed", "--hostfile", spec.hostfile, "--num_gpus", str(spec.nproc_per_node),
                 "--master_addr", spec.master_addr, "--master_port", str(spec.master_port or 29500),
-                "--module", "dxcli.training.worker", str(job_file)]
-    from dxcli.training.runtime import free_port
-
+                "--module", "dxcli.jobs.worker", str(job_file)]
     port = spec.master_port or (free_port() if spec.nnodes == 1 else 29500)
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={spec.nproc_per_node}",
             f"--nnodes={spec.nnodes}", f"--node_rank={spec.node_rank}", f"--master_addr={spec.master_addr}",
-            f"--master_port={port}", "-m", "dxcli.training.worker", str(job_file)]
+            f"--master_port={port}", "-m", "dxcli.jobs.worker", str(job_file)]
 
 
-def launch(task: str, job: dict[str, Any], run_dir: Path, spec: LaunchSpec) -> None:
-    run_dir = Path(run_dir)
+def launch(task: str, job: Any, spec: LaunchSpec) -> None:
+    """Run `job` (a registry job dataclass) in place for one process, else under the launcher."""
+    run_dir = Path(job.run_dir)
     for stale in run_dir.glob("error-rank*.txt"):
         stale.unlink()
     job_file = run_dir / f"job-{task}.json"
-    job_file.write_text(json.dumps({"task": task, "job": job}, indent=2))
+    write_job(task, job, job_file)
     if spec.nproc_per_node * spec.nnodes == 1 and not spec.hostfile:
-        from dxcli.training.worker import run_task
-
         run_task(task, job)
         return
     env = dict(os.environ)

@@ -26,11 +26,6 @@ def prompt(question: str) -> str:
     return f"{SYSTEM} USER: {user_text(question)} ASSISTANT:"
 
 
-def full_text(question: str, answer: str, eos: str = EOS) -> tuple[str, str]:
-    """(prompt, completion) for training: the completion is the supervised part."""
-    return prompt(question), f" {answer.strip()}{eos}"
-
-
 def split_conversation(conversations: list[dict]) -> tuple[str, str]:
     """(question, answer) from a LLaVA record's first human/gpt turns."""
     human = next((turn["value"] for turn in conversations if turn.get("from") == "human"), None)

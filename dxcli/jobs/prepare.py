@@ -5,13 +5,16 @@ Done once, before any worker starts, so problems (bad images, an existing run) s
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from dxcli import config as cfgmod
-from dxcli.errors import DxError, UsageError
-from dxcli.jsonio import write_jsonl_atomic
+from dxcli.base.errors import DxError, UsageError
+from dxcli.base.jsonio import write_jsonl_atomic
+from dxcli.data.records import default_reasoning, find_bad_images, load_records, records_from_tree
+from dxcli.model.checkpoint import build_model, resolve_model_path, save_checkpoint
 
 
 def open_run_dir(run_dir: Path, resolved: cfgmod.Resolved, *, resume: bool, force: bool) -> cfgmod.DxConfig:
@@ -25,35 +28,17 @@ def open_run_dir(run_dir: Path, resolved: cfgmod.Resolved, *, resume: bool, forc
     if resume:
         if not saved.is_file():
             raise DxError(f"--resume: {run_dir} holds no run (no config.yaml)")
-        config = cfgmod.load(saved)
-        overrides = {k: s for k, s in resolved.sources.items() if s in ("--set", "flag")}
-        for key in overrides:
-            _set_dotted(config, key, _get_dotted(resolved.config, key))
+        config = cfgmod.with_overrides(cfgmod.load(saved), resolved)
         cfgmod.save(config, saved)
         return config
     if run_dir.exists() and any(run_dir.iterdir()):
         if not force:
             raise DxError(f"{run_dir} already exists and is not empty; pass --resume to continue that run "
                           f"or --force to start it over")
-        import shutil
-
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfgmod.save(resolved.config, saved)
     return resolved.config
-
-
-def _get_dotted(obj, key: str):
-    for part in key.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _set_dotted(obj, key: str, value) -> None:
-    *parents, last = key.split(".")
-    for part in parents:
-        obj = getattr(obj, part)
-    setattr(obj, last, value)
 
 
 @dataclass
@@ -67,13 +52,10 @@ class PreparedData:
 def prepare_records(data: Path | None, images: Path | None, run_dir: Path, *, split: str = "train",
                     skip_bad: bool = False, name: str = "train-records.jsonl",
                     require_labels: bool = False, domains: list[str] | None = None) -> PreparedData:
-    """Records from a SPEC tree (built, with ROOT/reasoning.jsonl when present) or a records file.
+    """Records from a dataset tree (built, with ROOT/reasoning.jsonl when present) or a records file.
 
     Images that are missing or unreadable stop the run (listed), or are skipped with --skip-bad.
     """
-    from dxcli.data.records import default_reasoning, load_records, records_from_tree
-    from dxcli.training.sft_data import find_bad_images
-
     if data is None:
         raise UsageError("--data is required: a dataset tree (ROOT/<domain>/<split>/<label>/...) or a records "
                          "file with --images ROOT (try `dx dataset demo demo-data` for the built-in demo data)")
@@ -121,18 +103,6 @@ def run_records(out: Path, name: str, *, resume: bool, say=print, **prepare_kwar
     return records_file, prepared.images_root
 
 
-def resolve_model_path(model: str | None) -> str | None:
-    """A checkpoint folder, or a run folder whose `model/` is one."""
-    if model is None:
-        return None
-    path = Path(model)
-    if (path / "model" / "config.json").is_file():
-        return str(path / "model")
-    if path.exists() and not (path / "config.json").is_file():
-        raise DxError(f"--model {model}: not a dx checkpoint (no config.json) nor a run folder with model/")
-    return model
-
-
 def starting_model(model: str | None, config: cfgmod.DxConfig, run_dir: Path, texts: Callable[[], list[str]]) -> str | None:
     """The checkpoint workers start from. The tiny preset is built here once (its tokenizer is trained
     on the records' text), so every rank starts from identical weights and vocabulary."""
@@ -141,8 +111,6 @@ def starting_model(model: str | None, config: cfgmod.DxConfig, run_dir: Path, te
         return model
     if config.model.preset != "tiny":
         return None  # composed inside the workers from config.model
-    from dxcli.model import build_model, save_checkpoint
-
     base = Path(run_dir) / "base-model"
     if not (base / "config.json").is_file():
         save_checkpoint(build_model(config.model, texts()), base)

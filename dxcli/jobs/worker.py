@@ -1,0 +1,30 @@
+"""Entry point of one worker process: `python -m dxcli.jobs.worker RUN/job-TASK.json`.
+
+torchrun starts one per rank; a single-process run calls `registry.run_task` in place instead.
+A user-caused failure is written to RUN/error-rankN.txt so the parent can show it as one line.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from dxcli.base.errors import DxError
+from dxcli.jobs.registry import read_job, run_task
+from dxcli.runtime.dist import from_env
+
+
+def main(argv: list[str]) -> int:
+    task, job = read_job(Path(argv[0]))
+    rank = from_env().rank
+    try:
+        run_task(task, job)
+    except DxError as exc:
+        Path(job.run_dir, f"error-rank{rank}.txt").write_text(str(exc))
+        print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

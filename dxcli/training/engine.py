@@ -1,0 +1,48 @@
+"""The DeepSpeed side of a training loop: its config from a profile, and the engine around a model."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from dxcli.config import DxConfig
+
+
+def deepspeed_config(cfg: DxConfig, *, lr: float, world: int, weight_decay: float | None = None) -> dict[str, Any]:
+    """The DeepSpeed config for one training stage, from the profile's hardware and train keys."""
+    hw, train = cfg.hardware, cfg.train
+    zero: dict[str, Any] = {"stage": hw.zero_stage}
+    if hw.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if hw.offload and hw.zero_stage >= 2:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if hw.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    optimizer_params: dict[str, Any] = {"lr": lr, "weight_decay": train.weight_decay if weight_decay is None else weight_decay,
+                                        "betas": [0.9, 0.999], "eps": 1e-8}
+    if not hw.offload:
+        optimizer_params["torch_adam"] = True  # no fused-op build; offload needs DeepSpeed's CPU Adam
+    return {
+        "train_micro_batch_size_per_gpu": hw.micro_batch,
+        "gradient_accumulation_steps": hw.grad_accum,
+        "train_batch_size": hw.micro_batch * hw.grad_accum * world,
+        "gradient_clipping": train.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": hw.precision == "bf16"},
+        "fp16": {"enabled": hw.precision == "fp16", "auto_cast": False},
+        "optimizer": {"type": "AdamW", "params": optimizer_params},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def initialize(model, ds_config: dict[str, Any], total_steps: int, warmup_ratio: float) -> tuple[Any, Any]:
+    """(engine, scheduler): DeepSpeed around the trainable parameters, cosine schedule with warm-up."""
+    import deepspeed
+    from transformers import get_cosine_schedule_with_warmup
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    warmup = int(warmup_ratio * total_steps)
+    schedule: Callable = lambda opt: get_cosine_schedule_with_warmup(opt, warmup, total_steps)  # noqa: E731
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config,
+                                                   lr_scheduler=schedule)
+    return engine, scheduler

@@ -1,0 +1,83 @@
+"""One RL rollout: G samples per image from the current weights (the one `generate`), their
+rewards and per-token advantages, and the log-probs of those samples under a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dxcli.base.answer import parse_answer
+from dxcli.config import PrpoConfig
+from dxcli.model.generate import generate
+from dxcli.rl.advantages import grpo_token_advantages, mean, prpo_token_advantages
+from dxcli.rl.objective import majority_answer
+
+
+@dataclass
+class Rollout:
+    """Everything one step learns from, for B images x G samples (rows grouped by image)."""
+
+    prompt_ids: Any  # [B*G, P] left-padded
+    prompt_mask: Any
+    image_features: Any  # [B*G, N, d], detached
+    completion_ids: Any  # [B*G, T] right-padded
+    completion_mask: Any
+    advantages: Any  # [B*G, T] per token
+    stats: dict[str, float]
+
+
+def rollout(bundle, images, questions, labels, *, cfg: PrpoConfig, clip, lexicon, seed: int) -> Rollout:
+    model, tokenizer, G = bundle.model, bundle.tokenizer, cfg.group_size
+    model.eval()
+    gen = generate(bundle, images, questions, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                   top_p=cfg.top_p, samples_per_image=G, seed=seed)
+    answers = [parse_answer(t) for t in gen.texts]
+    majorities = [majority_answer(answers[i * G:(i + 1) * G]) for i in range(len(images))]
+    if cfg.algo == "grpo":
+        targets = [labels[i] if cfg.labels == "gt" else majorities[i][0] for i in range(len(images))]
+        token_adv, group_stats = grpo_token_advantages(answers, targets, gen.token_ids, G, cfg.adv_eps)
+    else:  # PRPO's rewards need no label: labels, when known, are only reported
+        token_adv, group_stats = prpo_token_advantages(gen.token_ids, tokenizer, images=images, G=G, clip=clip,
+                                                       lexicon=lexicon, cfg=cfg)
+    width = max(1, max(len(ids) for ids in gen.token_ids))
+    n = len(gen.token_ids)
+    completion = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
+    completion_mask = torch.zeros((n, width), dtype=torch.long)
+    advantages = torch.zeros((n, width))
+    for row, (ids, adv) in enumerate(zip(gen.token_ids, token_adv)):
+        completion[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        completion_mask[row, :len(ids)] = 1
+        advantages[row, :len(ids)] = torch.tensor(adv[:len(ids)])
+    stats = {key: mean([s[key] for s in group_stats if key in s]) for key in group_stats[0]}
+    stats.update(
+        response_tokens=mean([len(ids) for ids in gen.token_ids]),
+        invalid_rate=mean([float(a is None) for a in answers]),
+        majority_ratio=mean([ratio for _, ratio in majorities]),
+    )
+    known = [i for i, label in enumerate(labels) if label is not None]
+    if known:
+        stats["pseudo_label_accuracy"] = mean([float(majorities[i][0] == labels[i]) for i in known])
+        stats["answer_accuracy"] = mean([float(answers[i * G + g] == labels[i]) for i in known for g in range(G)])
+    expand = lambda x: x.repeat_interleave(G, dim=0)  # noqa: E731
+    return Rollout(expand(gen.prompt_ids), expand(gen.prompt_mask), expand(gen.image_features).detach(),
+                   completion, completion_mask, advantages, stats)
+
+
+def completion_logprobs(model, roll: Rollout, rows: slice, device) -> tuple[Any, Any]:
+    """Per-token log-probs of the completions (with the image) and the token entropy, for `rows`."""
+    prompt_ids, prompt_mask = roll.prompt_ids[rows].to(device), roll.prompt_mask[rows].to(device)
+    comp_ids, comp_mask = roll.completion_ids[rows].to(device), roll.completion_mask[rows].to(device)
+    embeds = model.prompt_embeds(torch.cat([prompt_ids, comp_ids], 1), torch.cat([prompt_mask, comp_mask], 1),
+                                 image_features=roll.image_features[rows].to(device))
+    mask = torch.cat([prompt_mask, comp_mask], 1)
+    width = comp_ids.shape[1]
+    # only the positions that predict completion tokens (position t predicts token t+1)
+    logits = model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=width + 1).logits
+    logits = logits[:, :-1].float()
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, comp_ids.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy

@@ -1,0 +1,55 @@
+"""Training state on disk: resumable DeepSpeed checkpoints (model, optimizer, scheduler, loop
+position, each rank's RNG) and the final `save_pretrained` folder."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from dxcli.model.checkpoint import save_checkpoint
+from dxcli.runtime.dist import Dist, barrier
+from dxcli.runtime.env import rng_state, set_rng_state
+
+
+def checkpoint_tags(folder: Path) -> list[str]:
+    return sorted(p.name for p in Path(folder).glob("step-*") if p.is_dir())
+
+
+def save_training_state(engine, folder: Path, step: int, state: dict[str, Any], keep: int, dist: Dist) -> None:
+    """DeepSpeed checkpoint (model, optimizer, scheduler) + loop position + this rank's RNG.
+
+    Every rank must call it. Older checkpoints beyond `keep` are removed: they are superseded.
+    """
+    import torch
+
+    tag = f"step-{step:07d}"
+    engine.save_checkpoint(str(folder), tag=tag, client_state={**state, "step": step, "tag": tag})
+    torch.save(rng_state(), Path(folder) / tag / f"rng-rank{dist.rank}.pt")
+    barrier(dist)
+    if dist.main:
+        for old in checkpoint_tags(folder)[:-keep]:
+            shutil.rmtree(Path(folder) / old, ignore_errors=True)
+    barrier(dist)
+
+
+def load_training_state(engine, folder: Path, dist: Dist) -> dict[str, Any] | None:
+    """Restore the newest checkpoint into `engine`; returns the loop state saved with it, or None."""
+    import torch
+
+    if not checkpoint_tags(folder):
+        return None
+    _, client = engine.load_checkpoint(str(folder))
+    rng_file = Path(folder) / client["tag"] / f"rng-rank{dist.rank}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return client
+
+
+def save_final_model(engine, bundle, out_dir: Path, zero_stage: int, dist: Dist) -> None:
+    """The final `save_pretrained` folder; under ZeRO-3 the weights are gathered first (all ranks)."""
+    state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+    if dist.main:
+        bundle.model = engine.module
+        save_checkpoint(bundle, out_dir, state_dict=state)
+    barrier(dist)
