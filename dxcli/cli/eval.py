@@ -24,9 +24,10 @@ def score(
 ) -> None:
     """Score answer files (F1 and more, per domain and overall).
 
-    Fake is the positive class and an answer without a verdict counts as wrong; valid-only
-    figures, invalid rate, confusion matrix and binary-head ROC-AUC are shown too. Several files
-    are shown side by side.
+    Fake is the positive class and an answer without a verdict counts as wrong; balanced
+    accuracy, valid-only figures, invalid rate, confusion matrix and the binary head's ROC-AUC,
+    average precision (AP) and equal error rate (EER) are shown too. Several files are shown
+    side by side.
 
     Example: dx eval score runs/sft/answers.jsonl runs/prpo/answers.jsonl --plot roc.png
     """
@@ -43,13 +44,14 @@ def score(
             err_console.print(f"[yellow]warning:[/] {escape(name)}: skipped a torn last line "
                               "(no newline; a crash mid-write?)")
     result = scoring.score_many(rows_by_file, by=by)
-    if plot is not None:
-        written = scoring.plot(rows_by_file, plot)
-        err_console.print(f"plot written to {written}")
+    # The scores come first, so a plot that cannot be written does not cost the user the table.
     if as_json:
         typer.echo(json.dumps(result))
     else:
         print_summary(result, console)
+    if plot is not None:
+        written = scoring.plot(rows_by_file, plot)
+        err_console.print(f"plot written to {written}")
 
 
 from dxcli.cli.eval_infer import infer  # noqa: E402  (light: typer only)
