@@ -275,7 +275,7 @@ def plot(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Mapping[str, 
     from sklearn.metrics import ConfusionMatrixDisplay
 
     runs = rows if isinstance(rows, Mapping) else {"answers": rows}
-    runs = dict(zip(_short_names(list(runs)), runs.values()))
+    runs = dict(zip(short_names(list(runs)), runs.values()))
     fig = Figure(figsize=(4.5 * (1 + len(runs)), 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 1 + len(runs), squeeze=False)[0]
@@ -328,7 +328,7 @@ def _plot_roc(ax, runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
 
 
 
-def _short_names(names: list[str]) -> list[str]:
+def short_names(names: list[str]) -> list[str]:
     """File names without their folders, unless that makes two of them equal."""
     short = [Path(n).name for n in names]
     return short if len(set(short)) == len(short) else names
