@@ -7,8 +7,11 @@ import sys
 
 import pytest
 from rich.console import Console
-from sklearn.metrics import (accuracy_score, confusion_matrix, precision_recall_fscore_support,
-                             roc_auc_score)
+import numpy as np
+from scipy.optimize import brentq
+from sklearn.metrics import (accuracy_score, average_precision_score, balanced_accuracy_score,
+                             confusion_matrix, precision_recall_fscore_support, roc_auc_score,
+                             roc_curve)
 from typer.testing import CliRunner
 
 from dxcli.cli import main as cli_main
@@ -19,7 +22,8 @@ from dxcli.evaluation.report import print_summary
 DOMAINS = ("ddim", "pixart", "sd", "stylegan")
 SCALAR_KEYS = ("accuracy", "precision", "recall", "f1", "accuracy_valid", "precision_valid",
                "recall_valid", "f1_valid", "invalid", "invalid_rate", "head_auc",
-               "head_accuracy", "agreement", "n", "n_valid", "n_head")
+               "head_accuracy", "agreement", "n", "n_valid", "n_head", "balanced_accuracy", "ap",
+               "eer")
 runner = CliRunner()
 
 
@@ -61,6 +65,7 @@ def sklearn_expected(lines, verdicts):
     expected = {"n": len(y), "n_valid": len(valid), "invalid": len(y) - len(valid),
                 "invalid_rate": (len(y) - len(valid)) / len(y),
                 "accuracy": accuracy_score(y, pred),
+                "balanced_accuracy": balanced_accuracy_score(y, pred),
                 "confusion": confusion_matrix(y, pred, labels=[0, 1]).tolist()}
     p, r, f, _ = precision_recall_fscore_support(y, pred, average="binary", zero_division=0)
     expected.update(precision=p, recall=r, f1=f)
@@ -77,11 +82,20 @@ def sklearn_expected(lines, verdicts):
     ht = [t for t, _, _ in head]
     hp = [p for _, p, _ in head]
     expected["n_head"] = len(head)
-    expected["head_auc"] = roc_auc_score(ht, hp) if len(set(ht)) == 2 else None
+    both_classes = len(set(ht)) == 2
+    expected["head_auc"] = roc_auc_score(ht, hp) if both_classes else None
+    expected["ap"] = average_precision_score(ht, hp) if both_classes else None
+    expected["eer"] = eer_by_root_finding(ht, hp) if both_classes else None
     expected["head_accuracy"] = accuracy_score(ht, [int(p >= 0.5) for p in hp]) if head else None
     both = [(int(v == "fake"), int(p >= 0.5)) for _, p, v in head if v is not None]
     expected["agreement"] = accuracy_score(*zip(*both)) if both else None
     return expected
+
+
+def eer_by_root_finding(truth, probs):
+    """The usual recipe, independent of the code under test: the root of 1 - x - tpr(x)."""
+    fpr, tpr, _ = roc_curve(truth, probs)
+    return brentq(lambda x: 1.0 - x - np.interp(x, fpr, tpr), 0.0, 1.0, xtol=1e-12)
 
 
 def assert_matches(got, expected):
@@ -89,7 +103,9 @@ def assert_matches(got, expected):
         if expected[key] is None:
             assert got[key] is None, key
         else:
-            assert got[key] == pytest.approx(expected[key], abs=1e-12), key
+            # the EER reference is a numerical root, exact to its tolerance only
+            tolerance = 1e-9 if key == "eer" else 1e-12
+            assert got[key] == pytest.approx(expected[key], abs=tolerance), key
     assert got["confusion"] == expected["confusion"]
 
 
@@ -122,9 +138,26 @@ def test_metrics_are_none_safe_without_valid_answers_or_head():
                                        {"label": "fake", "predict": None, "head_prob": 0.9}])
     assert metrics["accuracy"] == 0.0 and metrics["n_valid"] == 0
     assert metrics["f1_valid"] is None and metrics["accuracy_valid"] is None
-    assert metrics["head_auc"] is None  # one class only
+    assert metrics["head_auc"] is None and metrics["ap"] is None  # one class only
+    assert metrics["eer"] is None
     assert metrics["head_accuracy"] == 1.0 and metrics["n_head"] == 1
     assert metrics["agreement"] is None  # no row with both a verdict and a head
+
+
+def test_eer_by_hand_on_a_small_case():
+    # real (0): 0.2, 0.5   fake (1): 0.5, 0.8   -- one real and one fake tie at 0.5.
+    # ROC points, threshold from high to low (fpr = share of reals >= t, tpr = of fakes):
+    #   t = inf: (0, 0)      t = 0.8: (0, 1/2)      t = 0.5: (1/2, 1)      t = 0.2: (1, 1)
+    # fnr - fpr = 1 - tpr - fpr at those points: 1, 1/2, -1/2, -1. It changes sign on the
+    # segment from (0, 1/2) to (1/2, 1), halfway along it (1/2 -> -1/2), i.e. at
+    # fpr = 1/4, tpr = 3/4, fnr = 1/4: EER = 0.25.
+    assert scoring.equal_error_rate([0, 0, 1, 1], [0.2, 0.5, 0.5, 0.8]) == pytest.approx(0.25)
+    # real: 0.1, 0.4   fake: 0.6, 0.9 -- perfectly separated: ROC (0,0) (0,1/2) (0,1) (1/2,1)
+    # (1,1); fnr - fpr reaches 0 exactly at (0, 1): EER = 0.
+    assert scoring.equal_error_rate([0, 0, 1, 1], [0.1, 0.4, 0.6, 0.9]) == 0.0
+    # every fake below every real: ROC (0,0) (1/2,0) (1,0) (1,1/2) (1,1); the gap 1, 1/2, 0
+    # hits 0 at (1, 0): fpr = fnr = 1.
+    assert scoring.equal_error_rate([1, 1, 0, 0], [0.1, 0.4, 0.6, 0.9]) == 1.0
 
 
 def test_group_by_another_field(tmp_path):
@@ -134,6 +167,17 @@ def test_group_by_another_field(tmp_path):
     result = scoring.score_file(write_jsonl(tmp_path / "a.jsonl", lines), by="model")
     assert set(result["domains"]) == {"a", "b"}
     assert sum(m["n"] for m in result["domains"].values()) == result["overall"]["n"] == 60
+
+
+def test_group_by_a_field_no_line_has_is_one_line_usage_error(tmp_path, monkeypatch, capsys):
+    path = write_jsonl(tmp_path / "a.jsonl", random_answers(11, n=20)[0])
+    monkeypatch.setattr(sys, "argv", ["dx", "eval", "score", str(path), "--by", "nofield"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main.run()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "'nofield'" in err and "domain" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_cli_json_single_file(tmp_path):
@@ -224,6 +268,21 @@ def test_plot_writes_a_png(tmp_path):
     result = runner.invoke(cli_main.app, ["eval", "score", *map(str, paths), "--plot", str(out)])
     assert result.exit_code == 0, result.output
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_plot_that_cannot_be_written_comes_after_the_table(tmp_path, monkeypatch, capsys):
+    path = write_jsonl(tmp_path / "a.jsonl", random_answers(12, n=40)[0])
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the plot's folder should be")  # fails even as root
+    out = blocker / "roc.png"
+    monkeypatch.setattr(sys, "argv", ["dx", "eval", "score", str(path), "--plot", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main.run()
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    assert "overall" in captured.out and "head" in captured.out  # the table came first
+    assert captured.err.startswith("error:") and str(out) in captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and "Traceback" not in captured.err
 
 
 def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):

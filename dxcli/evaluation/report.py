@@ -18,20 +18,24 @@ from rich.table import Table
 OVERALL = "overall"
 # (metrics key, header): the full set for one file, a compact set per file when side by side.
 FULL_COLUMNS = [
-    ("n", "n"), ("accuracy", "acc"), ("precision", "prec"), ("recall", "rec"), ("f1", "F1"),
-    ("invalid", "inv"), ("f1_valid", "F1\nvalid"), ("head_auc", "head\nAUC"),
+    ("n", "n"), ("accuracy", "acc"), ("balanced_accuracy", "bal\nacc"), ("precision", "prec"),
+    ("recall", "rec"), ("f1", "F1"), ("invalid", "inv"), ("f1_valid", "F1\nvalid"),
+    ("head_auc", "head\nAUC"), ("ap", "head\nAP"), ("eer", "head\nEER"),
     ("head_accuracy", "head\nacc"), ("agreement", "agree"),
 ]
-COMPACT_COLUMNS = [("n", "n"), ("f1", "F1"), ("invalid", "inv"), ("f1_valid", "F1 val"),
-                   ("head_auc", "AUC")]
+COMPACT_COLUMNS = [("n", "n"), ("f1", "F1"), ("balanced_accuracy", "bal acc"), ("invalid", "inv"),
+                   ("f1_valid", "F1 val"), ("head_auc", "AUC"), ("ap", "AP"), ("eer", "EER")]
 MINIMAL_COLUMNS = [("f1", "F1"), ("invalid", "inv"), ("head_auc", "AUC")]  # 3+ files
+# Dropped in this order, first to last, while the table is wider than the terminal.
+DROP_ORDER = ("agreement", "head_accuracy", "precision", "recall", "f1_valid", "accuracy", "ap",
+              "n")
 COUNT_KEYS = {"n", "invalid"}
 
 
 def print_summary(result: Mapping[str, Any], console: Console) -> None:
     """Per-group rows and the overall row, then the overall confusion matrix (per file)."""
     files = _files(result)
-    console.print(metrics_table(files))
+    console.print(metrics_table(files, console))
     for letter, name in zip(files, result.get("files", {})):  # several files: the letter legend
         console.print(f"  [bold]{letter}[/] = {escape(name)}", highlight=False)
     matrices = [confusion_table(res["overall"]["confusion"],
@@ -40,13 +44,36 @@ def print_summary(result: Mapping[str, Any], console: Console) -> None:
     console.print(Columns(matrices, padding=(0, 4)))
 
 
-def metrics_table(files: Mapping[str, Mapping[str, Any]]) -> Table:
+def metrics_table(files: Mapping[str, Mapping[str, Any]], console: Console | None = None) -> Table:
     """One row per group plus overall; one column group per file, headed by its letter.
 
-    Rates are percentages (positive class fake; a null verdict counts as wrong).
+    Rates are percentages (positive class fake; a null verdict counts as wrong). With a
+    `console`, the least telling figures are left out until the table fits its width, rather
+    than letting rich squeeze every number into an ellipsis.
     """
-    several = len(files) > 1
     columns = _columns_for(len(files))
+    table = _build_table(files, columns)
+    while console is not None and _width(table, console) > console.width:
+        droppable = [key for key in DROP_ORDER if any(key == k for k, _ in columns)]
+        if not droppable or len(columns) == 1:
+            break
+        columns = [(key, header) for key, header in columns if key != droppable[0]]
+        table = _build_table(files, columns)
+        table.caption = "narrow terminal: some figures left out (--json has them all)"
+        table.caption_justify = "left"
+    return table
+
+
+def _width(table: Table, console: Console) -> int:
+    from rich.measure import Measurement
+
+    # Measured without the console's limit, which would clamp the answer to the width itself.
+    unlimited = console.options.update(max_width=10_000)
+    return Measurement.get(console, unlimited, table).maximum
+
+
+def _build_table(files: Mapping[str, Mapping[str, Any]], columns: list[tuple[str, str]]) -> Table:
+    several = len(files) > 1
     table = Table(title="scores in % (positive: fake; no verdict = wrong)", title_justify="left",
                   box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
     table.add_column("group", no_wrap=True)

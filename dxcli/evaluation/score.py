@@ -93,10 +93,12 @@ def _probability(value: Any) -> float | None:
 def compute_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """All figures for one group of normalised rows (see the module docstring for the rules).
 
-    Keys: n, n_valid, accuracy, precision, recall, f1, invalid, invalid_rate, accuracy_valid,
-    precision_valid, recall_valid, f1_valid, confusion ([[tn, fp], [fn, tp]], labels real, fake,
-    nulls flipped), n_head, head_auc, head_accuracy, agreement. A figure that cannot be computed
-    (no rows, no valid answers, no head probabilities, one class only for the AUC) is None.
+    Keys: n, n_valid, accuracy, balanced_accuracy, precision, recall, f1, invalid, invalid_rate,
+    accuracy_valid, precision_valid, recall_valid, f1_valid, confusion ([[tn, fp], [fn, tp]],
+    labels real, fake, nulls flipped), n_head, head_auc, ap, eer, head_accuracy, agreement.
+    `ap` (average precision) and `eer` (equal error rate) rank by `head_prob`. A figure that
+    cannot be computed (no rows, no valid answers, no head probabilities, one class only for the
+    AUC, AP and EER) is None.
     """
     y_true = [label_to_int(r["label"]) for r in rows]
     # A null verdict is scored as the opposite of the truth: always wrong.
@@ -106,6 +108,7 @@ def compute_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     n = len(rows)
     metrics: dict[str, Any] = {"n": n, "n_valid": len(valid)}
     metrics.update(_classification(y_true, y_all, suffix=""))
+    metrics["balanced_accuracy"] = _balanced_accuracy(y_true, y_all)
     metrics["invalid"] = n - len(valid)
     metrics["invalid_rate"] = (n - len(valid)) / n if n else None
     metrics.update(_classification([t for t, _ in valid], [p for _, p in valid], suffix="_valid"))
@@ -126,6 +129,20 @@ def _classification(y_true: list[int], y_pred: list[int], suffix: str) -> dict[s
     return {key: float(value) for key, value in zip(keys, values)}
 
 
+def _balanced_accuracy(y_true: list[int], y_pred: list[int]) -> float | None:
+    if not y_true:
+        return None
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    # A group holding one class only (a real-only domain) is the recall of that class; sklearn
+    # says so with a warning that would only be noise in a score table.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return float(balanced_accuracy_score(y_true, y_pred))
+
+
 def _confusion(y_true: list[int], y_pred: list[int]) -> list[list[int]]:
     if not y_true:
         return [[0, 0], [0, 0]]
@@ -137,17 +154,19 @@ def _confusion(y_true: list[int], y_pred: list[int]) -> list[list[int]]:
 def _head_metrics(rows: Sequence[Mapping[str, Any]], y_true: list[int]) -> dict[str, Any]:
     scored = [(t, r["head_prob"], r["predict"]) for r, t in zip(rows, y_true)
               if r.get("head_prob") is not None]
-    out: dict[str, Any] = {"n_head": len(scored), "head_auc": None, "head_accuracy": None,
-                           "agreement": None}
+    out: dict[str, Any] = {"n_head": len(scored), "head_auc": None, "ap": None, "eer": None,
+                           "head_accuracy": None, "agreement": None}
     if not scored:
         return out
-    from sklearn.metrics import accuracy_score, roc_auc_score
+    from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
     truth = [t for t, _, _ in scored]
     probs = [p for _, p, _ in scored]
     head_pred = [label_to_int(head_verdict(p)) for p in probs]
     if len(set(truth)) == 2:
         out["head_auc"] = float(roc_auc_score(truth, probs))
+        out["ap"] = float(average_precision_score(truth, probs))
+        out["eer"] = equal_error_rate(truth, probs)
     out["head_accuracy"] = float(accuracy_score(truth, head_pred))
     both = [(label_to_int(v), h) for (_, _, v), h in zip(scored, head_pred) if v is not None]
     if both:
@@ -155,12 +174,37 @@ def _head_metrics(rows: Sequence[Mapping[str, Any]], y_true: list[int]) -> dict[
     return out
 
 
+def equal_error_rate(truth: Sequence[int], probs: Sequence[float]) -> float:
+    """Where the false positive rate equals the false negative rate on the ROC curve.
+
+    The ROC curve is a polyline through sklearn's (fpr, tpr) points; along each segment
+    fnr - fpr = 1 - tpr - fpr changes linearly, so the crossing is interpolated on the segment
+    where that difference changes sign. Picking the nearest threshold instead would make the
+    figure jump by a whole step on small test sets. Needs both classes in `truth`.
+    """
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(truth, probs)
+    gap = 1 - tpr - fpr  # fnr - fpr: 1 at the first point (0, 0), -1 at the last (1, 1)
+    after = int((gap <= 0).argmax())  # first point at or past the crossing
+    if gap[after] == 0:
+        return float(fpr[after])
+    before = after - 1
+    share = gap[before] / (gap[before] - gap[after])
+    return float(fpr[before] + share * (fpr[after] - fpr[before]))
+
+
 # ---------------------------------------------------------------------------------------------
 # Files and groups
 
 
 def score_rows(rows: Sequence[Mapping[str, Any]], by: str = "domain") -> dict[str, Any]:
-    """`{"overall": metrics, "domains": {group: metrics}}`; groups are values of field `by`."""
+    """`{"overall": metrics, "domains": {group: metrics}}`; groups are values of field `by`.
+
+    Rows without the field form the group `unknown`; a field that no row has is a usage error
+    (a typo would otherwise put every row in `unknown`).
+    """
+    _check_group_field(rows, by)
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
         value = row.get(by)
@@ -171,12 +215,22 @@ def score_rows(rows: Sequence[Mapping[str, Any]], by: str = "domain") -> dict[st
     }
 
 
+def _check_group_field(rows: Sequence[Mapping[str, Any]], by: str, source: str = "") -> None:
+    if not rows or any(by in row for row in rows):
+        return
+    fields = sorted({key for row in rows for key in row})
+    where = f"{source}: " if source else ""
+    raise UsageError(f"{where}no answer line has the field {by!r} to group by "
+                     f"(fields: {', '.join(fields)})")
+
+
 def score_many(rows_by_file: Mapping[str, Sequence[Mapping[str, Any]]],
                by: str = "domain") -> dict[str, Any]:
     """One file: its `score_rows` result. Several: `{"files": {name: score_rows(...)}}`."""
     for name, rows in rows_by_file.items():
         if not rows:
             raise DxError(f"{name}: no answer lines")
+        _check_group_field(rows, by, source=name)
     if len(rows_by_file) == 1:
         (rows,) = rows_by_file.values()
         return score_rows(rows, by)
@@ -216,7 +270,7 @@ def plot(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Mapping[str, 
     from sklearn.metrics import ConfusionMatrixDisplay
 
     runs = rows if isinstance(rows, Mapping) else {"answers": rows}
-    runs = dict(zip(_short_names(list(runs)), runs.values()))
+    runs = dict(zip(short_names(list(runs)), runs.values()))
     fig = Figure(figsize=(4.5 * (1 + len(runs)), 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 1 + len(runs), squeeze=False)[0]
@@ -227,10 +281,21 @@ def plot(rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Mapping[str, 
                                display_labels=list(LABELS)).plot(ax=ax, colorbar=False,
                                                                  cmap="Blues")
         ax.set_title(f"{name}\n(null verdicts counted wrong)", fontsize=9)
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    return out_png
+    return _save_figure(fig, Path(out_png))
+
+
+def _save_figure(fig, path: Path) -> Path:
+    """Write `fig`; a path that cannot be written is one line naming it, not a traceback."""
+    if path.parent.exists() and not path.parent.is_dir():
+        raise DxError(f"cannot write the plot {path}: {path.parent} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    except OSError as exc:  # read-only folder, full disk, a folder named like the file, ...
+        raise DxError(f"cannot write the plot {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # matplotlib: an extension it cannot write, e.g. roc.txt
+        raise DxError(f"cannot write the plot {path}: {exc}") from None
+    return path
 
 
 def _plot_roc(ax, runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
@@ -258,7 +323,7 @@ def _plot_roc(ax, runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
 
 
 
-def _short_names(names: list[str]) -> list[str]:
+def short_names(names: list[str]) -> list[str]:
     """File names without their folders, unless that makes two of them equal."""
     short = [Path(n).name for n in names]
     return short if len(set(short)) == len(short) else names
