@@ -46,6 +46,10 @@ class ModelConfig:
     llm: str = "lmsys/vicuna-7b-v1.5"  # local folder or hub id
     image_size: int = 320
     head_hidden: int = 512
+    # Model shapes for the memory planner (`dx profiles show --memory`), so it needs no download:
+    # a file name in dxcli/profiles/models/ without .json (e.g. "dx-llava-7b"), or a path to such a
+    # file or to an LLM's HF config.json. None: the tiny preset's keys, or model.llm/config.json.
+    shapes: str | None = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
@@ -54,7 +58,10 @@ class HardwareConfig:
     nproc_per_node: int = 1
     nnodes: int = 1
     zero_stage: int = 2
-    offload: bool = False  # ZeRO optimizer (and stage-3 parameter) offload to CPU
+    offload_optimizer: bool = False  # optimizer states and fp32 gradients in CPU memory (ZeRO 2/3)
+    offload_params: bool = False  # bf16 parameters in CPU memory, fetched per layer (ZeRO-3 only)
+    gpu_memory_gb: float = 0.0  # GiB per GPU (nvidia-smi's figure: 80 H100, 141 H200); 0 = unknown, no check
+    skip_memory_check: bool = False  # train even when the memory planner says it will not fit
     precision: str = "fp32"  # fp32 | bf16 | fp16
     micro_batch: int = 1
     grad_accum: int = 1
@@ -346,7 +353,20 @@ def resolve(profile: str | None = DEFAULT_PROFILE, sets: list[str] | None = None
         if key not in leaf_keys():
             raise TypeError(f"flag mapped to unknown config key {key}")
     _apply(config, _nest(explicit), "flag", sources)
+    _validate_combinations(config)
     return Resolved(config, sources, profile)
+
+
+def _validate_combinations(config: DxConfig) -> None:
+    """Checks across keys, run once on the final config (so the order of --set items never matters)."""
+    hw = config.hardware
+    if hw.offload_params and hw.zero_stage != 3:
+        raise UsageError(f"hardware.offload_params needs hardware.zero_stage=3 (got {hw.zero_stage}): "
+                         "only ZeRO-3 partitions parameters")
+    if hw.offload_optimizer and hw.zero_stage < 2:
+        raise UsageError(f"hardware.offload_optimizer needs hardware.zero_stage 2 or 3 (got {hw.zero_stage})")
+    if hw.gpu_memory_gb < 0:
+        raise UsageError(f"hardware.gpu_memory_gb must be >= 0 (0 = unknown), got {hw.gpu_memory_gb}")
 
 
 def to_dict(config: DxConfig) -> dict[str, Any]:
@@ -381,4 +401,5 @@ def load(path: Path) -> DxConfig:
     """Read a resolved config (a run folder's config.yaml); validated like a profile."""
     config = DxConfig()
     _apply(config, _read_yaml(Path(path)), str(path), {})
+    _validate_combinations(config)
     return config

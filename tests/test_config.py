@@ -116,3 +116,26 @@ def test_every_command_has_an_example_in_its_help():
     assert len(commands) >= 14
     for path, command in commands:
         assert "Example: dx" in (command.help or ""), " ".join(path)
+
+
+def test_offload_keys_need_their_zero_stage_whatever_the_order():
+    with pytest.raises(UsageError, match="offload_params needs hardware.zero_stage=3"):
+        config.resolve("cpu-tiny", ["hardware.offload_params=true"])
+    with pytest.raises(UsageError, match="offload_optimizer needs hardware.zero_stage 2 or 3"):
+        config.resolve("cpu-tiny", ["hardware.zero_stage=1", "hardware.offload_optimizer=true"])
+    both = config.resolve("cpu-tiny", ["hardware.offload_params=true", "hardware.zero_stage=3"]).config
+    assert both.hardware.offload_params and both.hardware.zero_stage == 3
+    with pytest.raises(UsageError, match="did you mean 'hardware.offload"):
+        config.resolve("cpu-tiny", ["hardware.offload=true"])
+
+
+def test_deepspeed_config_offloads_what_the_keys_say():
+    from dxcli.training.engine import deepspeed_config
+
+    h100 = deepspeed_config(config.resolve("h100x2").config, lr=1e-5, world=2)
+    assert h100["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "offload_param" not in h100["zero_optimization"] and "torch_adam" not in h100["optimizer"]["params"]
+    params = deepspeed_config(config.resolve("h100x2", ["hardware.offload_params=true",
+                                                        "hardware.offload_optimizer=false"]).config, lr=1e-5, world=2)
+    assert params["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert "offload_optimizer" not in params["zero_optimization"] and params["optimizer"]["params"]["torch_adam"]

@@ -55,3 +55,30 @@ def print_config(resolved, only_changed: bool = False, console_: Console | None 
             continue
         table.add_row(key, repr(value) if isinstance(value, str) else str(value), source)
     (console_ or err_console).print(table)
+
+
+def print_memory_plan(plan: Any, profile: str | None, console_: Console | None = None) -> None:
+    """A `jobs.memory.MemoryPlan` as a table: rows, then the peak against the GPU's capacity."""
+    from rich.table import Table
+
+    out = console_ or console
+    table = Table(title=f"memory per GPU: {plan.stage} (profile: {profile or 'none'}, {plan.world} GPU"
+                        f"{'s' if plan.world > 1 else ''})", title_justify="left")
+    table.add_column("item")
+    table.add_column("GiB", justify="right")
+    table.add_column("when", style="dim")
+    table.add_column("note", style="dim")
+    for row in plan.rows:
+        table.add_row(row.item, f"{row.gib:.2f}", row.phase, row.note)
+    out.print(table)
+    phases = " / ".join(f"{name} {gib:.1f}" for name, gib in plan.phase_totals.items() if gib)
+    out.print(f"peak = always-resident {plan.total - max(plan.phase_totals.values()):.1f} + the largest "
+              f"phase ({phases or 'none'}) GiB; model from {plan.shapes.source}")
+    if plan.cpu_gib:
+        out.print(f"offloaded to CPU memory: {plan.cpu_gib:.1f} GiB per process")
+    if plan.capacity <= 0:
+        out.print(f"[bold]total {plan.total:.1f} GiB[/] (capacity unknown: set hardware.gpu_memory_gb)")
+        return
+    colour = "green" if plan.fits and plan.headroom >= 0.10 else ("yellow" if plan.fits else "red")
+    out.print(f"[bold {colour}]total {plan.total:.1f} GiB of {plan.capacity:g} GiB, headroom "
+              f"{100 * plan.headroom:.0f}%[/]")

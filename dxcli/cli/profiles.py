@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from dxcli.cli.common import SetOpt, console, print_config
+from dxcli.cli.common import SetOpt, console, print_config, print_memory_plan
+from dxcli.base.errors import UsageError
 
 app = typer.Typer(help="Hardware/training profiles (YAML).", no_args_is_help=True)
 
@@ -28,11 +29,23 @@ def list_() -> None:
 def show(
     name: Annotated[str, typer.Argument(help="Profile name or YAML path.")],
     sets: SetOpt = None,
+    memory: Annotated[bool, typer.Option("--memory", help="Show the per-GPU memory plan instead of the keys.")] = False,
+    stage: Annotated[str | None, typer.Option("--stage", help="align|instruct|prpo (with --memory; default: all).")] = None,
 ) -> None:
-    """Show a profile fully resolved, with where each value comes from.
+    """Show a profile fully resolved, with where each value comes from; or its memory plan.
 
     Example: dx profiles show cpu-tiny --set train.max_steps=5
+    Example: dx profiles show h100x2 --memory --stage prpo --set prpo.group_size=8
     """
     from dxcli import config as cfg
 
-    print_config(cfg.resolve(name, sets or []), console_=console)
+    resolved = cfg.resolve(name, sets or [])
+    if not memory:
+        if stage is not None:
+            raise UsageError("--stage goes with --memory")
+        print_config(resolved, console_=console)
+        return
+    from dxcli.jobs.memory import STAGES, plan_memory
+
+    for one in [stage] if stage else STAGES:  # plan_memory rejects an unknown stage
+        print_memory_plan(plan_memory(resolved.config, one), resolved.profile, console_=console)

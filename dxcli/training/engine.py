@@ -13,13 +13,14 @@ def deepspeed_config(cfg: DxConfig, *, lr: float, world: int, weight_decay: floa
     zero: dict[str, Any] = {"stage": hw.zero_stage}
     if hw.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    if hw.offload and hw.zero_stage >= 2:
+    # config validation guarantees ZeRO 2/3 for the optimizer and ZeRO-3 for parameter offload
+    if hw.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        if hw.zero_stage == 3:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if hw.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     optimizer_params: dict[str, Any] = {"lr": lr, "weight_decay": train.weight_decay if weight_decay is None else weight_decay,
                                         "betas": [0.9, 0.999], "eps": 1e-8}
-    if not hw.offload:
+    if not hw.offload_optimizer:
         optimizer_params["torch_adam"] = True  # no fused-op build; offload needs DeepSpeed's CPU Adam
     return {
         "train_micro_batch_size_per_gpu": hw.micro_batch,

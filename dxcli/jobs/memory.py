@@ -1,0 +1,560 @@
+"""Per-GPU memory plan of a training stage, offline: parameter counts come from the model built on
+the meta device from shipped shapes (model.shapes), the rest is arithmetic over the config.
+
+Memory over a step comes in phases that do not overlap: the rollout (PRPO's generation: KV cache,
+ZeRO-3 gathered weights), the update (forward/backward: activations, logits) and, under ZeRO-3, the
+optimizer step (fp32 gradients of one sub-group). What lives throughout (weights, gradients,
+optimizer states, reference model, CLIP, CUDA/NCCL) is counted once; the peak is that plus the
+largest phase. Model states follow DeepSpeed's own estimators (stage_1_and_2 / stage3
+`estimate_zero{2,3}_model_states_mem_needs`); where dx knows better it says so in a comment.
+Figures are GiB (2**30 bytes).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from dxcli.config import DxConfig, ModelConfig
+from dxcli.base.errors import DxError, UsageError
+
+GIB = 2**30
+STAGES = ("align", "instruct", "prpo")
+PHASES = ("rollout", "update", "step")  # besides "always"
+
+# Text tokens of the PRPO prompt besides the image tokens: dx's template (Vicuna system prompt,
+# USER/ASSISTANT, the default question) is ~90 Llama tokens; 128 leaves room for longer questions.
+PROMPT_TEXT_TOKENS = 128
+# Activations kept by one Llama decoder layer for backward, in bytes per token per hidden unit at
+# 16-bit precision, counted from the tensors HF's LlamaDecoderLayer saves with SDPA attention:
+# 2 RMSNorms x 6 (fp32 input 4 + 16-bit output 2), q/k/v input 2, q/k/v after RoPE 6, attention
+# output 2 + its contiguous copy for o_proj 2, MLP input 2, gate/up/silu/product 4 x 2 x 2.6875
+# (intermediate 11008 / hidden 4096) = 21.5 -> 47.5, rounded to 48. Same method as Korthikanti et
+# al. 2022 (arXiv:2205.05198, table 2: 34 + 5as/h for GPT blocks); SDPA keeps no s x s scores and
+# Llama has no dropout masks, its SwiGLU MLP stores more than GPT's.
+ACT_BYTES_PER_LAYER = 48
+# With gradient checkpointing HF keeps each decoder layer's 16-bit input (2 bytes) and recomputes
+# one layer at a time in backward (its 48 bytes live once).
+CKPT_BYTES_PER_LAYER = 2
+# Logits, bytes per (token x vocab) element at the peak of the loss. SFT (HF ForCausalLMLoss):
+# 16-bit logits 2 + fp32 upcast 4 + fp32 log-softmax 4. PRPO (rl.prpo.completion_logprobs): fp32
+# upcast 4 + log-softmax 4 + exp 4 + product 4 for the entropy = 16; with a reference model its
+# pass peaks at 16 while the policy graph keeps its 4-byte log-softmax.
+SFT_LOGIT_BYTES = 10
+PRPO_LOGIT_BYTES = 16
+PRPO_LOGIT_KEPT_BYTES = 4
+# Fixed per-GPU cost: CUDA context (~0.5 GiB), NCCL communicators and buffers (~1 GiB), cuBLAS
+# workspaces and allocator fragmentation. A rule of thumb, not a measurement: 2.5 GiB.
+CUDA_OVERHEAD_GIB = 2.5
+# DeepSpeed defaults dx does not change (training.engine.deepspeed_config): reduce_bucket_size 5e8
+# elements, ZeRO-3 sub_group_size 1e9 elements.
+REDUCE_BUCKET = 500_000_000
+SUB_GROUP = 1_000_000_000
+# VCR's CLIP: assumed ViT-L/14-sized (openai/clip-vit-large-patch14), fp32 as ClipScorer loads it.
+CLIP_PARAMS = 427_616_513
+# The tiny preset's tower (dxcli.model.build.TINY_VISION_ARCH; not imported to keep this module light).
+TINY_VISION_ARCH = "convnext_atto"
+# LoRA targets when planning with lora_r: every linear layer of the LLM's decoder blocks.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# check_plan_fits suggests changes that leave this share free when it can: the plan is an estimate.
+SUGGEST_MARGIN = 0.10
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """Parameter counts per part and the shapes the planner needs; from a meta-device build."""
+
+    vision: int
+    projector: int
+    llm: int
+    head: int
+    largest_layer: int  # most parameters held directly by one module (DeepSpeed's "largest layer")
+    hidden: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    image_tokens: int
+    lora_per_rank: int  # LoRA parameters per unit of rank over LORA_TARGETS
+    source: str
+
+    @property
+    def total(self) -> int:
+        return self.vision + self.projector + self.llm + self.head
+
+
+@dataclass
+class PlanRow:
+    item: str
+    gib: float
+    note: str
+    phase: str = "always"  # always | rollout | update | step
+    model_state: bool = False  # parameters, gradients, optimizer states (what DeepSpeed estimates)
+    cpu_gib: float = 0.0  # what offload puts in CPU memory instead, per process
+
+
+@dataclass
+class MemoryPlan:
+    stage: str
+    rows: list[PlanRow]
+    capacity: float  # GiB per GPU; 0 = unknown
+    world: int
+    shapes: ModelShapes
+    phase_totals: dict[str, float] = field(default_factory=dict)
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        always = sum(r.gib for r in self.rows if r.phase == "always")
+        self.phase_totals = {p: sum(r.gib for r in self.rows if r.phase == p) for p in PHASES}
+        self.total = always + max(self.phase_totals.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.capacity <= 0 or self.total <= self.capacity
+
+    @property
+    def headroom(self) -> float | None:
+        """Share of the capacity left free at the peak; None when the capacity is unknown."""
+        return (self.capacity - self.total) / self.capacity if self.capacity > 0 else None
+
+    @property
+    def model_states_gib(self) -> float:
+        return sum(r.gib for r in self.rows if r.model_state)
+
+    @property
+    def cpu_gib(self) -> float:
+        return sum(r.cpu_gib for r in self.rows)
+
+
+# ---------------------------------------------------------------- model shapes
+
+
+def shapes_dir() -> Path:
+    return Path(str(resources.files("dxcli") / "profiles" / "models"))
+
+
+def _read_shapes_file(name: str) -> tuple[dict[str, Any], Path]:
+    """A shipped name (dxcli/profiles/models/NAME.json) or a path to a JSON file."""
+    shipped = shapes_dir() / f"{name}.json"
+    path = shipped if shipped.is_file() else Path(name)
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in shapes_dir().glob("*.json")))
+        raise UsageError(f"model.shapes={name}: no such file, nor a shipped shapes name (known: {known})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DxError(f"model.shapes: cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise DxError(f"model.shapes: {path} must hold a JSON object")
+    return data, path
+
+
+def _shape_inputs(model: ModelConfig) -> tuple[dict[str, Any], str, dict[str, Any], int, str]:
+    """(LLM config dict, timm arch, timm model_args, added tokens, where the shapes come from)."""
+    if model.preset == "tiny":
+        t = model.tiny
+        llm = {"model_type": "llama", "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+               "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads,
+               "num_key_value_heads": t.num_heads, "vocab_size": t.vocab_size, "tie_word_embeddings": False}
+        args = {"depths": list(t.vision_depths), "dims": list(t.vision_dims)}
+        return llm, TINY_VISION_ARCH, args, 0, "the tiny preset (model.tiny)"  # its BPE holds <image>
+    if model.shapes:
+        data, path = _read_shapes_file(model.shapes)
+        source = f"model.shapes={model.shapes}"
+        if "llm" not in data:  # a plain HF config.json of the LLM: the tower is the config's
+            return data, model.vision, {}, 1, source
+        _check_vision_matches(data.get("vision") or {}, model, path)
+        return data["llm"], model.vision, {}, 1, source
+    local = Path(model.llm) / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text(encoding="utf-8")), model.vision, {}, 1, str(local)
+    raise UsageError(f"the memory plan needs the LLM's shapes offline: set model.shapes to a shipped name "
+                     f"({', '.join(sorted(p.stem for p in shapes_dir().glob('*.json')))}) or a config.json path")
+
+
+def _check_vision_matches(vision: dict[str, Any], model: ModelConfig, path: Path) -> None:
+    """A shapes file describes one model: planning another tower with it would be silently wrong."""
+    timm_name, size = vision.get("timm"), vision.get("image_size")
+    if (timm_name and timm_name != model.vision) or (size and size != model.image_size):
+        raise UsageError(f"model.shapes ({path}) describes vision {timm_name} at {size} px but the config builds "
+                         f"{model.vision} at {model.image_size} px: point model.shapes at a matching file")
+
+
+def model_shapes(model: ModelConfig) -> ModelShapes:
+    """Parameter counts of the DX-LLaVA `model` describes, from a meta-device build (no weights)."""
+    llm, arch, args, added, source = _shape_inputs(model)
+    return _count_shapes(json.dumps(llm, sort_keys=True), arch, json.dumps(args, sort_keys=True),
+                         model.image_size, model.head_hidden, added, source)
+
+
+@functools.lru_cache(maxsize=16)  # a fix search re-plans many times; the build happens once
+def _count_shapes(llm_json: str, arch: str, args_json: str, image_size: int, head_hidden: int, added: int,
+                  source: str) -> ModelShapes:
+    llm_cfg = _llm_config(json.loads(llm_json), added)
+    llm, llm_largest, lora_per_rank = _meta_llm(llm_cfg)
+    vision, width, stride, vision_largest = _meta_vision(arch, json.loads(args_json))
+    if image_size < stride or image_size % stride:
+        raise UsageError(f"model.image_size must be a multiple of the vision stride {stride}, got {image_size}")
+    h = llm_cfg.hidden_size
+    projector = width * h + h + h * h + h  # FastVlm's projector: Linear(width, h), GELU, Linear(h, h)
+    head = h * head_hidden + head_hidden + head_hidden + 1  # Linear(h, head_hidden), ReLU, Linear(., 1)
+    heads = llm_cfg.num_attention_heads
+    return ModelShapes(
+        vision=vision, projector=projector, llm=llm, head=head,
+        largest_layer=max(llm_largest, vision_largest, width * h, h * h),
+        hidden=h, layers=llm_cfg.num_hidden_layers, kv_heads=getattr(llm_cfg, "num_key_value_heads", None) or heads,
+        head_dim=getattr(llm_cfg, "head_dim", None) or h // heads, vocab=llm_cfg.vocab_size,
+        image_tokens=(image_size // stride) ** 2, lora_per_rank=lora_per_rank, source=source)
+
+
+def _llm_config(data: dict[str, Any], added: int) -> Any:
+    from transformers import AutoConfig
+
+    data = dict(data)
+    model_type = data.pop("model_type", None)
+    if not model_type:
+        raise DxError("model.shapes: the LLM config has no model_type (expected an HF config.json)")
+    try:
+        config = AutoConfig.for_model(model_type, **data)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DxError(f"model.shapes: not a usable {model_type} config: {exc}") from None
+    config.vocab_size += added  # compose adds <image> and resizes the embeddings (model.build)
+    return config
+
+
+def _meta_llm(llm_cfg: Any) -> tuple[int, int, int]:
+    """(parameters, largest layer, LoRA parameters per rank) of the causal LM, built on meta."""
+    import torch
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(llm_cfg)
+    lora = sum(m.in_features + m.out_features for name, m in llm.named_modules()
+               if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS)
+    return _unique_numel(llm), _largest_layer(llm), lora
+
+
+def _meta_vision(arch: str, args: dict[str, Any]) -> tuple[int, int, int, int]:
+    """(parameters, output width, stride, largest layer) of the timm tower as TimmWrapperModel builds it."""
+    import timm
+    import torch
+
+    if args.get("dims"):
+        args = {**args, "depths": tuple(args["depths"]), "dims": tuple(args["dims"])}
+    try:
+        with torch.device("meta"):
+            net = timm.create_model(arch, pretrained=False, num_classes=0, **args)
+    except RuntimeError as exc:
+        raise DxError(f"unknown timm model '{arch}': {exc}") from None
+    info = getattr(net, "feature_info", None)
+    stride = info[-1]["reduction"] if info else 32
+    return _unique_numel(net), net.num_features, stride, _largest_layer(net)
+
+
+def _unique_numel(module: Any) -> int:
+    return sum({id(p): p.numel() for p in module.parameters()}.values())  # tied weights once
+
+
+def _largest_layer(module: Any) -> int:
+    return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules())
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """The config facts every row needs, read once."""
+
+    stage: str
+    world: int
+    zero: int
+    nbytes: int  # bytes of a 16-bit (or fp32) parameter / activation element
+    mixed: bool  # bf16/fp16 weights with fp32 master weights in the optimizer
+    offload_optimizer: bool
+    offload_params: bool
+    lora_r: int
+    reference: bool  # PRPO's KL term needs reference log-probs
+
+
+def _setup(config: DxConfig, stage: str, lora_r: int | None) -> _Setup:
+    if stage not in STAGES:
+        raise UsageError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    hw = config.hardware
+    if lora_r is None:  # model.lora.r once that key exists; full fine-tuning until then
+        lora_r = int(getattr(getattr(config.model, "lora", None), "r", 0) or 0)
+    if lora_r < 0:
+        raise UsageError(f"LoRA rank must be >= 0, got {lora_r}")
+    return _Setup(stage=stage, world=max(1, hw.nproc_per_node * hw.nnodes), zero=hw.zero_stage,
+                  nbytes=4 if hw.precision == "fp32" else 2, mixed=hw.precision != "fp32",
+                  offload_optimizer=hw.offload_optimizer and hw.zero_stage >= 2,
+                  offload_params=hw.offload_params and hw.zero_stage == 3, lora_r=lora_r,
+                  reference=stage == "prpo" and config.prpo.beta > 0)
+
+
+def plan_memory(config: DxConfig, stage: str, *, lora_r: int | None = None,
+                shapes: ModelShapes | None = None) -> MemoryPlan:
+    """Per-GPU memory of `stage` under `config`. `lora_r` > 0 plans LoRA on the LLM (trainable =
+    adapters; PRPO's reference = the same weights with adapters off, no second copy)."""
+    s = _setup(config, stage, lora_r)
+    shapes = shapes or model_shapes(config.model)
+    trainable = _trainable(s, config, shapes)
+    rows = _param_rows(s, shapes)
+    rows += _gradient_rows(s, sum(trainable.values()))
+    rows += _buffer_rows(s, config, shapes, sum(trainable.values()))
+    if stage == "prpo":
+        rows += _rollout_rows(s, config, shapes)
+    rows += _update_rows(s, config, shapes)
+    return MemoryPlan(stage, rows, config.hardware.gpu_memory_gb, s.world, shapes)
+
+
+def _trainable(s: _Setup, config: DxConfig, shapes: ModelShapes) -> dict[str, int]:
+    """Trainable parameters per part, as dxcli.training.sft.frozen_parts and rl.prpo freeze them."""
+    llm = s.lora_r * shapes.lora_per_rank if s.lora_r else shapes.llm
+    if s.stage == "align":
+        return {"projector": shapes.projector, "head": shapes.head}
+    if s.stage == "instruct":
+        vision = shapes.vision if config.instruct.unfreeze_vision else 0
+        return {"vision": vision, "projector": shapes.projector, "llm": llm, "head": shapes.head}
+    return {"llm": llm}
+
+
+def _gib(n: float) -> float:
+    return n / GIB
+
+
+def _row(item: str, nbytes: float, note: str, *, on_cpu: bool = False, **kw: Any) -> PlanRow:
+    """A row whose `nbytes` sit on the GPU, or in CPU memory (then 0 GiB on the GPU) when offloaded."""
+    if on_cpu:
+        return PlanRow(item, 0.0, f"{note}; on CPU: {_gib(nbytes):.1f} GiB", cpu_gib=_gib(nbytes), **kw)
+    return PlanRow(item, _gib(nbytes), note, **kw)
+
+
+def _param_rows(s: _Setup, shapes: ModelShapes) -> list[PlanRow]:
+    """DeepSpeed casts the whole module to bf16/fp16, frozen parts too; ZeRO-3 partitions all of them."""
+    split = s.world if s.zero == 3 else 1
+    kind = {2: "16-bit", 4: "fp32"}[s.nbytes]
+    where = f"{kind} / {split} GPUs" if split > 1 else kind
+    parts = [("vision tower", shapes.vision), ("projector", shapes.projector), ("LLM", shapes.llm),
+             ("binary head", shapes.head)]
+    rows = [_row(f"parameters: {name}", n * s.nbytes / split, f"{n / 1e6:,.1f}M, {where}",
+                 on_cpu=s.offload_params, model_state=True) for name, n in parts]
+    if s.lora_r:
+        n = s.lora_r * shapes.lora_per_rank
+        rows.append(_row(f"parameters: LoRA r={s.lora_r}", n * s.nbytes / split,
+                         f"{n / 1e6:,.1f}M on q,k,v,o,gate,up,down", on_cpu=s.offload_params, model_state=True))
+    return rows
+
+
+def _gradient_rows(s: _Setup, trainable: int) -> list[PlanRow]:
+    """Gradients and AdamW states of the trainable parameters (DeepSpeed's estimator conventions).
+
+    Mixed precision: 16-bit gradients (2 B), fp32 gradients for the step (4 B), fp32 master weights +
+    Adam m + v (12 B). ZeRO-1 partitions the fp32 side, ZeRO-2 also the 16-bit gradients
+    (stage_1_and_2's estimator: 2 + 18/GPUs bytes per parameter). ZeRO-3 keeps a 16-bit gradient
+    partition (stage3.py grad_partitions_flat_buffer; the stage-3 estimator leaves it out) and
+    makes fp32 gradients one sub-group at a time during the step. Offload puts all of it in CPU memory.
+    """
+    g, t, off = s.world, trainable, s.offload_optimizer
+    low_split = g if s.zero >= 2 else 1
+    high_split = g if s.zero >= 1 else 1
+    rows = []
+    if s.mixed:
+        rows.append(_row("gradients: 16-bit", 2 * t / low_split, _split_note(t, low_split), on_cpu=off,
+                         model_state=True))
+        if s.zero == 3:
+            chunk = min(SUB_GROUP, math.ceil(t / g))
+            rows.append(_row("gradients: fp32 for the step", 4 * chunk, f"one ZeRO-3 sub-group, {chunk / 1e6:,.0f}M", on_cpu=off, phase="step", model_state=True))
+        else:
+            rows.append(_row("gradients: fp32 for the step", 4 * t / high_split, _split_note(t, high_split),
+                             on_cpu=off, model_state=True))
+        optimizer, what = 12 * t, "fp32 master, m, v: 12 B"
+    else:
+        rows.append(_row("gradients: fp32", 4 * t / low_split, _split_note(t, low_split), on_cpu=off,
+                         model_state=True))
+        optimizer, what = 8 * t, "m, v: 8 B"
+    rows.append(_row("optimizer states", optimizer / high_split, f"{what} x {_split_note(t, high_split)}",
+                     on_cpu=off, model_state=True))
+    return rows
+
+
+def _split_note(n: int, split: int) -> str:
+    return f"{n / 1e6:,.1f}M trainable" + (f" / {split}" if split > 1 else "")
+
+
+def _buffer_rows(s: _Setup, config: DxConfig, shapes: ModelShapes, trainable: int) -> list[PlanRow]:
+    """What lives beside the model states: DeepSpeed buffers, reference model, CLIP, CUDA/NCCL."""
+    rows = []
+    if s.zero == 3:
+        rows.append(_row("ZeRO-3 gathered layers", 4 * shapes.largest_layer * s.nbytes / 2,
+                         f"4 x largest layer ({shapes.largest_layer / 1e6:,.0f}M), as DeepSpeed estimates",
+                         phase="update", model_state=True))
+    if s.zero >= 1 and trainable:
+        # ZeRO-1 stages its reduction in fp32, ZeRO-2/3 in the training dtype (stage_1_and_2.py)
+        width = 4 if s.zero == 1 else s.nbytes
+        rows.append(_row("ZeRO reduce bucket", REDUCE_BUCKET * width, "DeepSpeed's reduce_bucket_size 5e8"))
+    if s.reference:
+        if s.lora_r:
+            rows.append(_row("reference model", 0, "LoRA: the policy, adapters off"))
+        else:
+            rows.append(_row("reference model", shapes.total * s.nbytes,
+                             f"beta {config.prpo.beta:g}: full {config.hardware.precision} copy"))
+    if s.stage == "prpo" and config.prpo.algo == "prpo" and config.prpo.clip:
+        rows.append(_row("CLIP (VCR)", CLIP_PARAMS * 4, "ViT-L/14-sized, fp32"))
+    rows.append(_row("CUDA/NCCL overhead", CUDA_OVERHEAD_GIB * GIB,
+                     "rule of thumb: context, NCCL, fragmentation"))
+    return rows
+
+
+def _prompt_tokens(shapes: ModelShapes) -> int:
+    return shapes.image_tokens + PROMPT_TEXT_TOKENS
+
+
+def _rollout_rows(s: _Setup, config: DxConfig, shapes: ModelShapes) -> list[PlanRow]:
+    p = config.prpo
+    sequences = p.images_per_step * p.group_size
+    tokens = _prompt_tokens(shapes) + p.max_new_tokens
+    per_token = shapes.layers * 2 * shapes.kv_heads * shapes.head_dim * s.nbytes
+    rows = [_row("KV cache (rollout)", sequences * tokens * per_token,
+                 f"{p.images_per_step}x{p.group_size} seqs x {tokens} tok x {shapes.layers} x 2 x "
+                 f"{shapes.kv_heads} x {shapes.head_dim}", phase="rollout")]
+    if s.zero == 3:
+        rows.append(_row("ZeRO-3 gather for generation", shapes.total * s.nbytes,
+                         "full model (upper bound)", phase="rollout"))
+    return rows
+
+
+def _update_rows(s: _Setup, config: DxConfig, shapes: ModelShapes) -> list[PlanRow]:
+    """Activations and logits of one forward/backward micro-batch."""
+    if s.stage == "prpo":
+        p = config.prpo
+        sequences = p.images_per_step * p.group_size
+        seqs = math.ceil(sequences / math.ceil(sequences / config.hardware.micro_batch))  # as rl.prpo chunks
+        length, scored = _prompt_tokens(shapes) + p.max_new_tokens, p.max_new_tokens
+        logit_bytes = PRPO_LOGIT_BYTES + (PRPO_LOGIT_KEPT_BYTES if s.reference else 0)
+    else:
+        seqs, length = config.hardware.micro_batch, config.train.max_length
+        scored, logit_bytes = length, SFT_LOGIT_BYTES
+    tokens = seqs * length
+    scale = s.nbytes / 2  # the per-layer factors are for 16-bit activations
+    if config.train.grad_checkpointing:
+        per_token = (CKPT_BYTES_PER_LAYER * shapes.layers + ACT_BYTES_PER_LAYER) * scale
+        how = f"({CKPT_BYTES_PER_LAYER} B x {shapes.layers} + {ACT_BYTES_PER_LAYER} B), checkpointed"
+    else:
+        per_token = ACT_BYTES_PER_LAYER * shapes.layers * scale
+        how = f"{ACT_BYTES_PER_LAYER} B x {shapes.layers}, no checkpointing"
+    return [
+        _row("activations", tokens * shapes.hidden * per_token,
+             f"{seqs} x {length} tok x {shapes.hidden} x {how}", phase="update"),
+        _row("logits", seqs * scored * shapes.vocab * logit_bytes,
+             f"{seqs} x {scored} tok x {shapes.vocab} x {logit_bytes} B",
+             phase="update"),
+    ]
+
+
+# ---------------------------------------------------------------- the check before training
+
+
+def check_plan_fits(config: DxConfig, stage: str, *, lora_r: int | None = None) -> None:
+    """Raise DxError when `stage` will not fit hardware.gpu_memory_gb, with the biggest items and a
+    `--set` that makes it fit. Skipped when the capacity is unknown (0) or hardware.skip_memory_check."""
+    hw = config.hardware
+    if hw.skip_memory_check or hw.gpu_memory_gb <= 0:
+        return
+    plan = plan_memory(config, stage, lora_r=lora_r)
+    if plan.fits:
+        return
+    biggest = sorted(plan.rows, key=lambda r: r.gib, reverse=True)[:4]
+    items = ", ".join(f"{r.item} {r.gib:.1f}" for r in biggest)
+    fix = suggest_fix(config, stage, lora_r=lora_r)
+    advice = f"try {fix}" if fix else "no --set dx tried fits: use more GPUs (hardware.nproc_per_node)"
+    raise DxError(f"{stage} needs ~{plan.total:.1f} GiB per GPU, more than hardware.gpu_memory_gb="
+                  f"{hw.gpu_memory_gb:g} (largest: {items} GiB); {advice}, or --set "
+                  "hardware.skip_memory_check=true to start anyway (dx profiles show PROFILE --memory "
+                  f"--stage {stage} shows the plan)")
+
+
+def suggest_fix(config: DxConfig, stage: str, *, lora_r: int | None = None) -> str | None:
+    """The first `--set ...` that makes `stage` fit: one change, then the changes combined in order
+    (cheapest for speed and training semantics first); leaving 10% free if any can, as the
+    profiles do, since the plan is an estimate. None when nothing tried fits."""
+    shapes = model_shapes(config.model)
+    changes = _candidate_changes(config, stage)
+    for margin in (SUGGEST_MARGIN, 0.0):
+        for change in changes:
+            if _fits_with(config, stage, change, lora_r, shapes, margin):
+                return _as_flags(change)
+        combined: dict[str, Any] = {}
+        for change in changes:
+            combined.update(change)
+            if _fits_with(config, stage, combined, lora_r, shapes, margin):
+                return _as_flags(_prune(config, stage, combined, lora_r, shapes, margin))
+    return None
+
+
+def _prune(config: DxConfig, stage: str, change: dict[str, Any], lora_r: int | None, shapes: ModelShapes,
+           margin: float) -> dict[str, Any]:
+    """Drop the parts of a combined change that the fit does not need (they only cost speed)."""
+    change = dict(change)
+    for key in list(change):
+        if key == "hardware.grad_accum":  # goes with micro_batch
+            continue
+        rest = {k: v for k, v in change.items() if k != key
+                and not (key == "hardware.micro_batch" and k == "hardware.grad_accum")}
+        if _fits_with(config, stage, rest, lora_r, shapes, margin):
+            change = rest
+    return change
+
+
+def _candidate_changes(config: DxConfig, stage: str) -> list[dict[str, Any]]:
+    hw, p = config.hardware, config.prpo
+    out: list[dict[str, Any]] = []
+    if not config.train.grad_checkpointing:
+        out.append({"train.grad_checkpointing": True})
+    if hw.zero_stage < 3 and hw.nproc_per_node * hw.nnodes > 1:
+        out.append({"hardware.zero_stage": 3})
+    if hw.zero_stage >= 2 and not hw.offload_optimizer:
+        out.append({"hardware.offload_optimizer": True})
+    if stage == "prpo":
+        out += [{"prpo.images_per_step": n} for n in _halvings(p.images_per_step, 1)]
+        out += [{"prpo.group_size": g} for g in _halvings(p.group_size, 2)]
+        out += [{"prpo.max_new_tokens": n} for n in _halvings(p.max_new_tokens, 256)]
+        if p.beta > 0:  # no KL term, no reference model: a change of objective, so late
+            out.append({"prpo.beta": 0.0})
+    else:  # the same global batch in smaller micro-batches
+        out += [{"hardware.micro_batch": m, "hardware.grad_accum": hw.grad_accum * hw.micro_batch // m}
+                for m in _halvings(hw.micro_batch, 1)]
+    if hw.zero_stage == 3 and not hw.offload_params:
+        out.append({"hardware.offload_params": True})
+    return out
+
+
+def _halvings(value: int, floor: int) -> list[int]:
+    out = []
+    while value // 2 >= floor:
+        value //= 2
+        out.append(value)
+    return out
+
+
+def _fits_with(config: DxConfig, stage: str, change: dict[str, Any], lora_r: int | None,
+               shapes: ModelShapes, margin: float) -> bool:
+    trial = copy.deepcopy(config)
+    for key, value in change.items():
+        section, name = key.split(".")
+        setattr(getattr(trial, section), name, value)
+    if trial.hardware.offload_params and trial.hardware.zero_stage != 3:
+        return False
+    plan = plan_memory(trial, stage, lora_r=lora_r, shapes=shapes)
+    return plan.total <= plan.capacity * (1 - margin)
+
+
+def _as_flags(change: dict[str, Any]) -> str:
+    return " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in change.items())

@@ -1,0 +1,191 @@
+"""The memory planner: DeepSpeed's own model-state estimates, ZeRO/offload arithmetic, the GPU
+profiles' headroom, the pre-training check, and an offline 7B plan in seconds."""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import socket
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from dxcli import config
+from dxcli.cli.main import app
+from dxcli.base.errors import DxError, UsageError
+from dxcli.jobs import memory
+from dxcli.jobs.memory import GIB, STAGES, check_plan_fits, plan_memory
+
+runner = CliRunner()
+
+# ~106M parameters: a Llama with a real vocabulary (its embedding is the largest layer) + convnext_atto
+SMALL_LLM = {"model_type": "llama", "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8,
+             "num_attention_heads": 12, "num_key_value_heads": 12, "vocab_size": 31999,
+             "tie_word_embeddings": False}
+
+
+@pytest.fixture
+def small(tmp_path):
+    """A resolved config for the small model, every part trainable (instruct + unfreeze_vision), as
+    DeepSpeed's estimators assume."""
+    shapes = tmp_path / "small.json"
+    shapes.write_text(json.dumps({"llm": SMALL_LLM, "vision": {"timm": "convnext_atto", "image_size": 64}}))
+
+    def make(*sets: str) -> config.DxConfig:
+        return config.resolve("h100x2", [f"model.shapes={shapes}", "model.vision=convnext_atto",
+                                         "model.image_size=64", "instruct.unfreeze_vision=true",
+                                         "hardware.offload_optimizer=false", *sets]).config
+    return make
+
+
+def _ds_gpu_bytes(zero: int, n: int, largest: int, gpus: int, offload_optimizer: bool, offload_params: bool) -> int:
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    if zero == 2:
+        return estimate_zero2_model_states_mem_needs(n, num_gpus_per_node=gpus, cpu_offload=offload_optimizer)[1]
+    return estimate_zero3_model_states_mem_needs(n, largest, num_gpus_per_node=gpus, cpu_offload=offload_optimizer,
+                                                 cpu_offload_params=offload_params)[1]
+
+
+@pytest.mark.parametrize("zero,gpus,offload_optimizer,offload_params", [
+    (2, 1, False, False), (2, 2, False, False), (2, 2, True, False),
+    (3, 1, False, False), (3, 2, False, False), (3, 2, True, False), (3, 2, True, True),
+])
+def test_model_states_agree_with_deepspeed_estimators(small, zero, gpus, offload_optimizer, offload_params):
+    cfg = small(f"hardware.zero_stage={zero}", f"hardware.nproc_per_node={gpus}",
+                f"hardware.offload_optimizer={str(offload_optimizer).lower()}",
+                f"hardware.offload_params={str(offload_params).lower()}")
+    plan = plan_memory(cfg, "instruct")
+    shapes = plan.shapes
+    n = shapes.total
+    assert 90e6 < n < 130e6
+    assert shapes.largest_layer == (SMALL_LLM["vocab_size"] + 1) * SMALL_LLM["hidden_size"]  # embeddings + <image>
+    ours = plan.model_states_gib * GIB
+    if zero == 3 and not offload_optimizer:
+        # stage3.py keeps a 16-bit gradient partition (grad_partitions_flat_buffer) that the
+        # stage-3 estimator's 18 bytes per parameter leave out; everything else is the same
+        ours -= 2 * n / gpus
+    expected = _ds_gpu_bytes(zero, n, shapes.largest_layer, gpus, offload_optimizer, offload_params)
+    assert ours == pytest.approx(expected, rel=0.02)
+
+
+def test_the_printing_estimator_shows_the_same_figure(small, capsys):
+    """The *_all_cold helpers only print; their no-offload line carries the figure compared above."""
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs_all_cold
+
+    plan = plan_memory(small("hardware.zero_stage=2", "hardware.nproc_per_node=1"), "instruct")
+    capsys.readouterr()
+    estimate_zero2_model_states_mem_needs_all_cold(total_params=plan.shapes.total, num_gpus_per_node=1)
+    line = next(l for l in capsys.readouterr().out.splitlines() if "offload_optimizer=none" in l)
+    printed = float(re.findall(r"([\d.]+)GB", line)[1])  # "per CPU | per GPU | options"
+    assert plan.model_states_gib == pytest.approx(printed, abs=0.006)
+
+
+def test_offload_optimizer_makes_the_plan_smaller():
+    for profile in ("h100x2", "h200x8"):
+        for stage in ("instruct", "prpo"):
+            on = plan_memory(config.resolve(profile, ["hardware.offload_optimizer=true"]).config, stage)
+            off = plan_memory(config.resolve(profile, ["hardware.offload_optimizer=false"]).config, stage)
+            assert off.total - on.total > 10, (profile, stage)  # 18 B of 20 per trainable parameter
+            assert on.cpu_gib > 10 and off.cpu_gib == 0
+
+
+def test_zero3_halves_parameters_per_gpu_on_two_gpus():
+    def params(nproc: int) -> float:
+        plan = plan_memory(config.resolve("h100x2", [f"hardware.nproc_per_node={nproc}"]).config, "instruct")
+        return sum(r.gib for r in plan.rows if r.item.startswith("parameters:"))
+
+    assert params(1) == pytest.approx(2 * params(2))
+    zero2 = config.resolve("h100x2", ["hardware.zero_stage=2", "hardware.offload_optimizer=false"])
+    rows = plan_memory(zero2.config, "instruct").rows
+    assert sum(r.gib for r in rows if r.item.startswith("parameters:")) == pytest.approx(params(1))
+
+
+def test_7b_shapes_match_the_published_counts():
+    shapes = memory.model_shapes(config.resolve("h100x2").config.model)
+    assert shapes.llm == 6_738_415_616 + 2 * 4096  # Vicuna-7B + the <image> row in embeddings and lm_head
+    assert shapes.vision == 198_591_168 and shapes.image_tokens == 100
+    assert 16 * shapes.lora_per_rank == 39_976_960  # PEFT's count for LoRA r=16 on every Llama-7B linear
+
+
+def test_every_gpu_profile_stage_fits_with_ten_percent_headroom():
+    for profile, capacity in (("h100x2", 80), ("h200x8", 141)):
+        cfg = config.resolve(profile).config
+        assert cfg.hardware.gpu_memory_gb == capacity and cfg.prpo.epochs is not None
+        for stage in STAGES:
+            plan = plan_memory(cfg, stage)
+            assert plan.fits and plan.headroom >= 0.10, (profile, stage, plan.total)
+
+
+def test_lora_drops_the_reference_copy_and_the_llm_optimizer():
+    cfg = config.resolve("h100x2", ["hardware.offload_optimizer=false"]).config
+    full, lora = plan_memory(cfg, "prpo"), plan_memory(cfg, "prpo", lora_r=16)
+    assert not full.fits and lora.fits and lora.headroom >= 0.10
+    row = {r.item: r for r in lora.rows}
+    assert row["reference model"].gib == 0 and "adapters off" in row["reference model"].note
+    assert row["optimizer states"].gib < 0.3 and row["parameters: LoRA r=16"].gib > 0
+
+
+def test_cli_shows_the_h100x2_prpo_plan_offline(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the memory plan must not touch the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    result = runner.invoke(app, ["profiles", "show", "h100x2", "--memory", "--stage", "prpo"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    total, capacity, headroom = re.search(r"total ([\d.]+) GiB of (\d+) GiB, headroom (\d+)%", result.output).groups()
+    assert float(total) < 80 and capacity == "80" and int(headroom) >= 10
+    for item in ("reference model", "KV cache", "ZeRO-3 gather for generation", "activations", "logits",
+                 "optimizer states", "CUDA/NCCL overhead"):
+        assert item in result.output
+    bad = runner.invoke(app, ["profiles", "show", "h100x2", "--memory", "--stage", "rl"])
+    assert bad.exit_code == 2 and "align, instruct, prpo" in bad.output
+
+
+def test_check_plan_fits_raises_with_a_set_that_fits():
+    resolved = config.resolve("h100x2", ["hardware.offload_optimizer=false"]).config
+    with pytest.raises(DxError, match="--set") as info:
+        check_plan_fits(resolved, "prpo")
+    message = str(info.value)
+    assert "hardware.skip_memory_check=true" in message and "optimizer states" in message and "\n" not in message
+    fix = re.search(r"try ((?:--set [^ ,]+ ?)+)", message).group(1).split()[1::2]
+    assert fix == ["hardware.offload_optimizer=true"]
+    check_plan_fits(config.resolve("h100x2", ["hardware.offload_optimizer=false", *fix]).config, "prpo")
+    check_plan_fits(config.resolve("h100x2", ["hardware.offload_optimizer=false",
+                                              "hardware.skip_memory_check=true"]).config, "prpo")
+    check_plan_fits(config.resolve("h100x2", ["hardware.offload_optimizer=false",
+                                              "hardware.gpu_memory_gb=0"]).config, "prpo")
+
+
+def test_check_plan_fits_suggests_checkpointing_and_smaller_groups():
+    no_ckpt = config.resolve("h100x2", ["train.grad_checkpointing=false"]).config
+    with pytest.raises(DxError, match="--set train.grad_checkpointing=true"):
+        check_plan_fits(no_ckpt, "instruct")
+    squeezed = config.resolve("h200x8", ["hardware.gpu_memory_gb=38", "hardware.offload_optimizer=true"]).config
+    with pytest.raises(DxError, match=r"--set prpo\.(images_per_step|group_size)="):
+        check_plan_fits(squeezed, "prpo")
+
+
+def test_a_7b_plan_takes_seconds_and_allocates_nothing():
+    import timm  # noqa: F401 - imports are not the planner's time
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    memory._count_shapes.cache_clear()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    started = time.perf_counter()
+    plan = plan_memory(config.resolve("h200x8").config, "prpo")
+    assert time.perf_counter() - started < 10  # ~1-2 s on a laptop core: meta tensors only
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1024**2  # < 1 GiB; fp32 7B is 27
+    assert plan.shapes.total > 6.9e9
+
+
+def test_shapes_must_describe_the_configured_tower():
+    with pytest.raises(UsageError, match="point model.shapes at a matching file"):
+        memory.model_shapes(config.resolve("h100x2", ["model.image_size=384"]).config.model)
+    with pytest.raises(UsageError, match="dx-llava-7b"):
+        memory.model_shapes(config.resolve("h100x2", ["model.shapes=nope"]).config.model)
