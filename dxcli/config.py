@@ -81,7 +81,8 @@ class TrainConfig:
     max_length: int = 2048
     grad_checkpointing: bool = False
     seed: int = 42
-    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = by time only (and at the end)
+    save_every_minutes: float = 10.0  # also checkpoint after this much training time; 0 = off
     keep_checkpoints: int = 2  # newest resumable checkpoints kept in RUN/checkpoints
     log_every: int = 1
 

@@ -21,6 +21,7 @@ from dxcli.data.demo import make_demo
 from dxcli.data.questions import generate_questions
 from dxcli.evaluation.detect import detect, open_detector
 from dxcli.evaluation.score import score_file
+from dxcli.jobs.prepare import has_progress
 from dxcli.jobs.stages import run_infer, run_prpo_stage, run_sft_stage
 
 F1_BAR, AUC_BAR = 0.75, 0.85  # the demo checks the pipeline: a working one clears these easily
@@ -66,7 +67,7 @@ def run_demo(out: Path, *, profile: str = "cpu-tiny", sets: list[str] | None = N
         step(stage, (out / stage / "model" / "config.json").is_file(),
              lambda stage=stage, start=start: run_sft_stage(
                  stage, out=out / stage, resolved=resolved, data=data, model=start,
-                 resume=(out / stage / "config.yaml").is_file(), say=say))
+                 resume=has_progress(out / stage), say=say))
     questions = out / "questions.jsonl"
 
     def make_questions() -> None:
@@ -84,7 +85,7 @@ def run_demo(out: Path, *, profile: str = "cpu-tiny", sets: list[str] | None = N
     (out / "score.json").write_text(json.dumps(score, indent=2))
     step("prpo", (out / "prpo" / "model" / "config.json").is_file(),
          lambda: run_prpo_stage(out=out / "prpo", resolved=resolved, model=model, data=data,
-                                resume=(out / "prpo" / "config.yaml").is_file(), say=say))
+                                resume=has_progress(out / "prpo"), say=say))
     step("eval infer (prpo)", (out / "score-prpo.json").is_file(),
          lambda: run_infer(model=model_prpo, questions=questions, images=data, out=answers_prpo,
                            config=resolved.config))

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from dxcli import config
 from dxcli.cli.main import app
+from dxcli.runtime.dist import child_environment
 from dxcli.training.sft_data import IGNORE_INDEX, tokenize_pair
 
 runner = CliRunner()
@@ -144,11 +145,22 @@ def test_missing_data_is_a_usage_error(tmp_path):
 
 def test_existing_run_needs_resume_or_force(tmp_path, demo_root):
     out = tmp_path / "run"
-    out.mkdir()
+    (out / "checkpoints" / "step-0000003").mkdir(parents=True)
     (out / "config.yaml").write_text("{}")
     result = runner.invoke(app, ["train", "align", "--data", str(demo_root), "--out", str(out)])
     assert result.exit_code == 1 and "--resume" in result.output
     assert (out / "config.yaml").read_text() == "{}"  # nothing overwritten
+
+
+def test_a_run_that_failed_before_its_first_step_does_not_block_the_retry(tmp_path, demo_root, trained):
+    out = tmp_path / "run"
+    base = ["train", "align", "--model", str(trained["align"]), "--out", str(out), "--set", "train.max_steps=1",
+            "--set", "hardware.num_workers=0"]
+    bad = runner.invoke(app, [*base, "--data", str(tmp_path / "no-such-data")])
+    assert bad.exit_code == 2 and "no-such-data" in bad.output
+    good = runner.invoke(app, [*base, "--data", str(demo_root)])
+    assert good.exit_code == 0, good.output
+    assert (out / "model" / "config.json").is_file()
 
 
 def test_bad_images_stop_training_unless_skipped(tmp_path, demo_root):
@@ -165,24 +177,73 @@ def test_bad_images_stop_training_unless_skipped(tmp_path, demo_root):
     assert len(prepared.skipped) == 1 and prepared.skipped[0][0].endswith(victim.name)
 
 
-def test_ctrl_c_stops_every_worker(tmp_path, demo_root, trained):
-    import signal
+def wait_for_metrics(out: Path, rows: int, proc: subprocess.Popen, timeout: float = 240) -> None:
     import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= rows:
+            return
+        time.sleep(0.2)
+    detail = proc.communicate()[1][-3000:] if proc.poll() is not None else ""
+    raise AssertionError(f"training did not reach {rows} logged steps (exit {proc.poll()}): {detail}")
+
+
+def test_ctrl_c_stops_every_worker_after_a_checkpoint(tmp_path, demo_root, trained):
+    import signal
 
     import psutil
 
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(
         [sys.executable, "-m", "dxcli", "train", "align", "--data", str(demo_root), "--model", str(trained["align"]),
-         "--out", str(out), "--nproc-per-node", "2", "--set", "train.epochs=50", "--set", "hardware.num_workers=0"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 240
-    while time.time() < deadline and not (out / "metrics.jsonl").exists():
-        time.sleep(0.5)
-    assert (out / "metrics.jsonl").exists(), "training never started"
+         "--out", str(out), "--nproc-per-node", "2", "--set", "train.epochs=50", "--set", "hardware.num_workers=0",
+         "--set", "train.log_every=1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    wait_for_metrics(out, 2, proc)
     workers = psutil.Process(proc.pid).children(recursive=True)
     assert len(workers) >= 3  # torchrun and its two workers
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) != 0
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
     gone, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
+    assert "Traceback" not in stderr and "stopped:" in stderr and "--resume" in stderr
+    assert list((out / "checkpoints").glob("step-*")), "no checkpoint was saved on Ctrl-C"
+
+
+def test_sigint_then_resume_matches_an_uninterrupted_run(tmp_path, demo_root, trained):
+    """Ctrl-C mid-run saves the step it finished; --resume continues there and ends like a run
+    that was never stopped, with each step in metrics.jsonl once."""
+    import signal
+
+    def command(out: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "dxcli", "train", "align", "--data", str(demo_root), "--model",
+                str(trained["align"]), "--out", str(out), "--set", "train.max_steps=24", "--set",
+                "train.log_every=1", "--set", "hardware.num_workers=0", *extra]
+
+    split, whole = tmp_path / "split", tmp_path / "whole"
+    env = child_environment(dict(os.environ))  # this test process may hold a process group of its own
+    proc = subprocess.Popen(command(split), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for_metrics(split, 5, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "checkpoint saved" in stderr, stderr[-2000:]
+    (tag,) = [p.name for p in (split / "checkpoints").glob("step-*")]
+    stopped_at = int(tag.split("-")[1])
+    assert 5 <= stopped_at < 24
+    resumed = subprocess.run(command(split, "--resume"), capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {tag}" in resumed.stdout + resumed.stderr
+    subprocess.run(command(whole), capture_output=True, text=True, check=True, env=env)
+    steps = [row["step"] for row in metrics(split)]
+    assert steps == list(range(1, 25))
+    assert metrics(split)[-1]["loss"] == pytest.approx(metrics(whole)[-1]["loss"], rel=1e-4, abs=1e-5)
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path, demo_root):
+    out = tmp_path / "never"
+    out.mkdir()
+    (out / "config.yaml").write_text("{}")
+    result = runner.invoke(app, ["train", "align", "--data", str(demo_root), "--out", str(out), "--resume"])
+    assert result.exit_code == 1 and "no checkpoint" in result.output

@@ -11,3 +11,22 @@ class UsageError(DxError):
     """A bad flag or argument value (exit status 2)."""
 
     exit_code = 2
+
+
+class Interrupted(DxError):
+    """Stopped by Ctrl-C or SIGTERM after saving what can be resumed (exit status 130, as a shell
+    reports a SIGINT)."""
+
+    exit_code = 130
+
+
+# errno values of filesystem failures the user can fix (a read-only disk, a file where a folder
+# belongs, no space, no permission): reported as one line naming the path, not as a traceback
+USER_OS_ERRNOS = frozenset({13, 17, 20, 21, 28, 30, 1, 122})  # EACCES EEXIST ENOTDIR EISDIR ENOSPC EROFS EPERM EDQUOT
+
+
+def user_os_error(exc: OSError) -> DxError | None:
+    """The one-line DxError for a user-fixable filesystem failure that names its path, else None."""
+    if exc.errno not in USER_OS_ERRNOS or not exc.filename:
+        return None
+    return DxError(f"cannot write {exc.filename}: {exc.strerror}")

@@ -20,6 +20,7 @@ def infer(
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="0 = greedy (default); > 0 samples.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")] = None,
     nproc_per_node: Annotated[Optional[int], typer.Option("--nproc-per-node", help="Processes (each takes a shard).")] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Succeed even when some images cannot be read (they stay in OUT as error rows, left out of the scores).")] = False,
     profile: ProfileOpt = DEFAULT_PROFILE_NAME,
     sets: SetOpt = None,
 ) -> None:
@@ -34,6 +35,7 @@ def infer(
     resolved = resolve_config(profile, sets, {
         "eval.batch_size": batch_size, "eval.max_new_tokens": max_new_tokens, "eval.temperature": temperature,
         "eval.seed": seed, "hardware.nproc_per_node": nproc_per_node})
-    count = run_infer(model=model, questions=questions, images=images, out=out, config=resolved.config)
+    count = run_infer(model=model, questions=questions, images=images, out=out, config=resolved.config,
+                      skip_bad=skip_bad)
     console.print(f"[green]{count} answers[/] in {out}")
     print_summary(score_file(out), console)

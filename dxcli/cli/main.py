@@ -15,20 +15,23 @@ _state = {"debug": bool(os.environ.get("DX_DEBUG"))}
 
 
 class _Group(typer.core.TyperGroup):
-    """Turns a DxError anywhere below into one red line and its exit status (2 usage, 1 failure)."""
+    """Turns a DxError anywhere below (and a filesystem error the user can fix, such as a read-only
+    output folder) into one line and its exit status: 2 usage, 1 failure, 130 interrupted."""
 
     def invoke(self, ctx):
-        from dxcli.base.errors import DxError
+        from dxcli.base.errors import DxError, Interrupted, user_os_error
 
         try:
             return super().invoke(ctx)
-        except DxError as exc:
-            if _state["debug"]:
+        except (DxError, OSError) as exc:
+            error = exc if isinstance(exc, DxError) else user_os_error(exc)
+            if error is None or _state["debug"]:
                 raise
             from dxcli.cli.common import err_console
 
-            err_console.print(f"[bold red]error:[/] {_escape(str(exc))}", soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
+            label = "[bold yellow]stopped:[/]" if isinstance(error, Interrupted) else "[bold red]error:[/]"
+            err_console.print(f"{label} {_escape(str(error))}", soft_wrap=True)
+            raise typer.Exit(error.exit_code) from None
 
 
 def _escape(text: str) -> str:

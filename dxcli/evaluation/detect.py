@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dxcli.base.answer import head_verdict, parse_answer
-from dxcli.base.errors import DxError
+from dxcli.base.errors import DxError, UsageError
 from dxcli.base.images import IMAGE_EXTS, load_rgb
 from dxcli.base.template import DEFAULT_QUESTION
 from dxcli.config import DxConfig
@@ -20,8 +20,10 @@ from dxcli.runtime.dist import from_env
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given, folders walked for images (sorted), glob patterns expanded."""
+    """Files as given, folders walked for images (sorted), glob patterns expanded. A missing file
+    among others stays in the list (its detection is an error row); all missing is a usage error."""
     paths: list[Path] = []
+    missing: list[str] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
@@ -31,12 +33,15 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         elif any(ch in item for ch in "*?["):
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
             if not matches:
-                raise DxError(f"{item}: the pattern matches no file")
+                raise UsageError(f"{item}: the pattern matches no file")
             paths += matches
         else:
-            raise DxError(f"{item}: no such file or folder")
+            missing.append(item)
+            paths.append(path)  # detect reports it in its row, and the other images still run
+    if len(missing) == len(inputs):
+        raise UsageError(f"no such file or folder: {', '.join(missing)}")
     if not paths:
-        raise DxError("no images to check")
+        raise UsageError("no images to check")
     return paths
 
 

@@ -42,6 +42,10 @@ def print_summary(result: Mapping[str, Any], console: Console) -> None:
                                 title=" ".join(filter(None, ["confusion", letter, "(overall)"])))
                 for letter, res in files.items()]
     console.print(Columns(matrices, padding=(0, 4)))
+    for letter, res in files.items():
+        if res.get("errors"):
+            console.print(f"[yellow]{' '.join(filter(None, [letter, str(res['errors'])]))} answer line(s) with an "
+                          "error (image not read) left out of the figures[/]")
 
 
 def metrics_table(files: Mapping[str, Mapping[str, Any]], console: Console | None = None) -> Table:

@@ -202,16 +202,20 @@ def score_rows(rows: Sequence[Mapping[str, Any]], by: str = "domain") -> dict[st
     """`{"overall": metrics, "domains": {group: metrics}}`; groups are values of field `by`.
 
     Rows without the field form the group `unknown`; a field that no row has is a usage error
-    (a typo would otherwise put every row in `unknown`).
+    (a typo would otherwise put every row in `unknown`). Rows with an `error` (the image could
+    not be read, so the model never answered) are left out of every figure and counted as
+    `errors`: they say nothing about the model.
     """
     _check_group_field(rows, by)
+    answered = [row for row in rows if not row.get("error")]
     groups: dict[str, list[Mapping[str, Any]]] = {}
-    for row in rows:
+    for row in answered:
         value = row.get(by)
         groups.setdefault(MISSING_GROUP if value is None else str(value), []).append(row)
     return {
-        "overall": compute_metrics(rows),
+        "overall": compute_metrics(answered),
         "domains": {name: compute_metrics(groups[name]) for name in sorted(groups)},
+        "errors": len(rows) - len(answered),
     }
 
 

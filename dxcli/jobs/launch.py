@@ -7,14 +7,20 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dxcli.base.errors import DxError
+from dxcli.base.errors import DxError, Interrupted
 from dxcli.config import DxConfig
 from dxcli.jobs.registry import run_task, write_job
-from dxcli.runtime.dist import free_port
+from dxcli.runtime.dist import child_environment, free_port
+from dxcli.training.state import INTERRUPTED_FILE, pending_interruption
+
+
+STOP_GRACE_S = 600.0  # how long Ctrl-C waits for the workers' checkpoint before killing them
 
 
 @dataclass
@@ -46,36 +52,68 @@ def worker_command(spec: LaunchSpec, job_file: Path) -> list[str]:
 
 
 def launch(task: str, job: Any, spec: LaunchSpec) -> None:
-    """Run `job` (a registry job dataclass) in place for one process, else under the launcher."""
+    """Run `job` (a registry job dataclass) in place for one process, else under the launcher.
+    Ctrl-C (or SIGTERM to dx) lets the workers save a checkpoint, then raises `Interrupted`."""
     run_dir = Path(job.run_dir)
-    for stale in run_dir.glob("error-rank*.txt"):
-        stale.unlink()
+    for stale in [*run_dir.glob("error-rank*.txt"), run_dir / INTERRUPTED_FILE]:
+        stale.unlink(missing_ok=True)
     job_file = run_dir / f"job-{task}.json"
     write_job(task, job, job_file)
     if spec.nproc_per_node * spec.nnodes == 1 and not spec.hostfile:
         run_task(task, job)
         return
-    env = dict(os.environ)
+    env = child_environment(dict(os.environ))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.nproc_per_node)))
     proc = subprocess.Popen(worker_command(spec, job_file), env=env, start_new_session=True)
-    try:
-        code = proc.wait()
-    except KeyboardInterrupt:
-        stop(proc)
-        raise
+    with _sigterm_as_interrupt():
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            code = stop(proc)
+    interrupted = pending_interruption(run_dir)
+    if interrupted is not None:
+        raise interrupted
     if code != 0:
         errors = sorted(run_dir.glob("error-rank*.txt"))
         detail = errors[0].read_text() if errors else f"see the worker output above (exit status {code})"
         raise DxError(f"{task} failed: {detail}")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Interrupt the whole worker group, then kill what does not stop within 15 s."""
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """A scheduler's SIGTERM to dx is handled like Ctrl-C: the workers get to save."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> int:
+    """Ask the workers (not the launcher, whose own shutdown report is noise) to stop: each finishes
+    its step, saves a checkpoint and exits. A second Ctrl-C, or `grace_s`, kills the whole group."""
+    workers = _children(proc.pid) or [proc.pid]
+    print("stopping: the workers finish their step and save a checkpoint (Ctrl-C again to kill them)",
+          file=sys.stderr, flush=True)
+    for pid in workers:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGINT)
+    try:
+        return proc.wait(timeout=grace_s)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    except ProcessLookupError:
-        pass
+        raise Interrupted("stopped without a checkpoint (killed); the last saved checkpoint is still "
+                          "resumable with --resume") from None
+
+
+def _children(pid: int) -> list[int]:
+    """The launcher's child processes (the workers), read from /proc; empty where there is none."""
+    try:
+        tasks = Path(f"/proc/{pid}/task").iterdir()
+        return [int(c) for task in tasks for c in (task / "children").read_text().split()]
+    except OSError:
+        return []

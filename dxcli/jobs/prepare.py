@@ -15,30 +15,43 @@ from dxcli.base.errors import DxError, UsageError
 from dxcli.base.jsonio import write_jsonl_atomic
 from dxcli.data.records import default_reasoning, find_bad_images, load_records, records_from_tree
 from dxcli.model.checkpoint import build_model, resolve_model_path, save_checkpoint
+from dxcli.training.state import checkpoint_tags
 
 
 def open_run_dir(run_dir: Path, resolved: cfgmod.Resolved, *, resume: bool, force: bool) -> cfgmod.DxConfig:
     """Create (or, with resume, reopen) RUN_DIR and write its resolved config.yaml.
 
-    An existing run is never overwritten silently: it needs --resume (continue) or --force (start over).
-    On --resume the run's own config is used; --set / flags given again are applied on top.
+    A run that has something to lose (a checkpoint or a model) is never overwritten silently: it
+    needs --resume (continue) or --force (start over). A folder whose run stopped before its first
+    checkpoint holds nothing to lose and is reused. On --resume the run's own config is used;
+    --set / flags given again are applied on top.
     """
     run_dir = Path(run_dir)
     saved = run_dir / "config.yaml"
     if resume:
         if not saved.is_file():
             raise DxError(f"--resume: {run_dir} holds no run (no config.yaml)")
+        if not has_progress(run_dir):
+            raise DxError(f"--resume: {run_dir} has no checkpoint yet (the run stopped before its first save); "
+                          "run the same command without --resume to start it")
         config = cfgmod.with_overrides(cfgmod.load(saved), resolved)
         cfgmod.save(config, saved)
         return config
+    if run_dir.is_file():
+        raise DxError(f"--out {run_dir} is a file, not a folder")
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not force:
-            raise DxError(f"{run_dir} already exists and is not empty; pass --resume to continue that run "
+        if has_progress(run_dir) and not force:
+            raise DxError(f"{run_dir} holds a run with a checkpoint or model; pass --resume to continue it "
                           f"or --force to start it over")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfgmod.save(resolved.config, saved)
     return resolved.config
+
+
+def has_progress(run_dir: Path) -> bool:
+    """Whether a run folder holds work that would be lost: a resumable checkpoint or a saved model."""
+    return bool(checkpoint_tags(Path(run_dir) / "checkpoints")) or (Path(run_dir) / "model" / "config.json").is_file()
 
 
 @dataclass
@@ -61,7 +74,7 @@ def prepare_records(data: Path | None, images: Path | None, run_dir: Path, *, sp
                          "file with --images ROOT (try `dx dataset demo demo-data` for the built-in demo data)")
     data = Path(data)
     if not data.exists():
-        raise DxError(f"--data {data}: no such file or folder")
+        raise UsageError(f"--data {data}: no such file or folder")
     if data.is_dir():
         images_root = data
         records = records_from_tree(data, splits=(split,), domains=domains, reasoning=default_reasoning(data))
@@ -70,7 +83,7 @@ def prepare_records(data: Path | None, images: Path | None, run_dir: Path, *, sp
             raise UsageError(f"--data {data} is a records file: pass --images ROOT (the folder its paths are relative to)")
         images_root = Path(images)
         if not images_root.is_dir():
-            raise DxError(f"--images {images_root}: no such folder")
+            raise UsageError(f"--images {images_root}: no such folder")
         records = load_records(data, images_root)
     if not records:
         raise DxError(f"no {split} records found in {data}")

@@ -10,6 +10,7 @@ from typing import Callable
 
 from dxcli import config as cfgmod
 from dxcli.base.errors import DxError, UsageError
+from dxcli.base.jsonio import iter_jsonl
 from dxcli.data.records import load_records
 from dxcli.evaluation.infer import InferJob, load_questions, merge_outputs
 from dxcli.jobs import prepare
@@ -59,14 +60,20 @@ def run_prpo_stage(*, out: Path, resolved: cfgmod.Resolved, model: str | None, d
 
 
 def run_infer(*, model: str, questions: Path, images: Path, out: Path, config: cfgmod.DxConfig,
-              spec: LaunchSpec | None = None) -> int:
-    """Check inputs, run the workers (in place or launched), merge their parts. Returns answers written."""
+              spec: LaunchSpec | None = None, skip_bad: bool = False) -> int:
+    """Check inputs, run the workers (in place or launched), merge their parts. Returns answers written.
+
+    Questions whose image could not be read are kept in OUT as rows with an `error` (scoring
+    leaves them out); unless `skip_bad`, they make the command fail after the rest is answered.
+    """
     checkpoint = resolve_model_path(model)
     if not Path(checkpoint).is_dir():
-        raise DxError(f"--model {model}: no such checkpoint folder")
+        raise UsageError(f"--model {model}: no such checkpoint folder")
+    if not Path(questions).is_file():
+        raise UsageError(f"--questions {questions}: no such file")
     load_questions(Path(questions))  # fail here, before any worker starts, on a bad file
     if not Path(images).is_dir():
-        raise DxError(f"--images {images}: no such folder")
+        raise UsageError(f"--images {images}: no such folder")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.parent / f".dx-infer-{out.name}"
@@ -77,4 +84,10 @@ def run_infer(*, model: str, questions: Path, images: Path, out: Path, config: c
     launch("infer", job, spec_for(config, spec))
     count = merge_outputs(out)
     shutil.rmtree(work, ignore_errors=True)
+    failed = [row for row in iter_jsonl(out) if row.get("error")]
+    if failed and not skip_bad:
+        listing = "; ".join(f"{row['image']} ({row['error']})" for row in failed[:3])
+        more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+        raise DxError(f"{len(failed)} of {count} question(s) have an image that could not be read: {listing}{more}. "
+                      f"The other answers are in {out}; pass --skip-bad to accept this")
     return count

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
-from dxcli.base.errors import DxError
+from dxcli.base.errors import DxError, Interrupted, user_os_error
 from dxcli.jobs.registry import read_job, run_task
 from dxcli.runtime.dist import from_env
 
@@ -19,11 +20,23 @@ def main(argv: list[str]) -> int:
     rank = from_env().rank
     try:
         run_task(task, job)
+    except Interrupted:
+        return 0  # checkpoint saved and noted for the launching dx, which tells the user once
+    except OSError as exc:
+        user = user_os_error(exc)
+        if user is None:
+            raise
+        return _report(job, rank, user)
     except DxError as exc:
-        Path(job.run_dir, f"error-rank{rank}.txt").write_text(str(exc))
-        print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
-        return exc.exit_code
+        return _report(job, rank, exc)
     return 0
+
+
+def _report(job: Any, rank: int, exc: DxError) -> int:
+    """The error file the launching dx shows as one line; the same on stderr for the log."""
+    Path(job.run_dir, f"error-rank{rank}.txt").write_text(str(exc))
+    print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
+    return exc.exit_code
 
 
 if __name__ == "__main__":

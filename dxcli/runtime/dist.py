@@ -35,6 +35,15 @@ def from_env() -> Dist:
                 int(os.environ.get("LOCAL_RANK", 0)))
 
 
+PROCESS_GROUP_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_environment(environ: dict[str, str]) -> dict[str, str]:
+    """`environ` without this process's group identity: a process it starts (a launcher, or
+    another dx) must set up its own group rather than join ours on a port we hold."""
+    return {k: v for k, v in environ.items() if k not in PROCESS_GROUP_VARIABLES}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -25,6 +25,7 @@ from dxcli.rl.objective import policy_loss
 from dxcli.rl.rewards import ClipScorer, load_lexicon
 from dxcli.runtime import env
 from dxcli.runtime.dist import Dist, init_distributed, mean_over_ranks
+from dxcli.runtime.interrupt import StopRequest
 from dxcli.runtime.metrics import MetricsLog
 from dxcli.runtime.progress import ProgressView
 from dxcli.training import engine as ds
@@ -171,10 +172,13 @@ def checkpoint(state: PrpoState) -> None:
                                     state.cfg.train.keep_checkpoints, state.dist)
 
 
-def resume(state: PrpoState) -> None:
+def resume(state: PrpoState, log: MetricsLog) -> None:
     client = saved_state.load_training_state(state.engine, Path(state.job.run_dir) / "checkpoints", state.dist)
     if client:
         state.step, state.epoch, state.position = client["step"], client["epoch"], client["position"]
+        log.drop_after(state.step)
+        if state.dist.main:
+            print(f"[{state.cfg.prpo.algo}] resumed from {client['tag']} (step {state.step})", flush=True)
 
 
 def save(state: PrpoState) -> Path:
@@ -188,21 +192,20 @@ def save(state: PrpoState) -> Path:
 
 def run(job: PrpoJob) -> Path:
     state = setup(job)
-    if job.resume:
-        resume(state)
-    p, train = state.cfg.prpo, state.cfg.train
     log = MetricsLog(Path(job.run_dir) / "metrics.jsonl", state.dist.main)
+    if job.resume:
+        resume(state, log)
+    p, train = state.cfg.prpo, state.cfg.train
     progress = ProgressView(state.total_steps, p.algo, state.dist.main, start=state.step)
-    stop_after = env.stop_after_step()
-    while state.step < state.total_steps:
-        row = mean_over_ranks(train_step(state, next_batch(state)), state.dist)
-        if state.step % train.log_every == 0 or state.step == state.total_steps:
-            log.write(row)
-        progress.update(state.step, {k: row[k] for k in ("reward", "invalid_rate", "response_tokens", "kl") if k in row})
-        if (train.save_every and state.step % train.save_every == 0) or state.step == stop_after:
-            checkpoint(state)
-        if state.step == stop_after:
-            progress.close()
-            raise SystemExit(f"[{p.algo}] stopped after step {state.step} ({env.STOP_AFTER_ENV})")
+    with StopRequest(state.dist, train.save_every_minutes) as stop:
+        while state.step < state.total_steps:
+            row = mean_over_ranks(train_step(state, next_batch(state)), state.dist)
+            if state.step % train.log_every == 0 or state.step == state.total_steps:
+                log.write(row)
+            progress.update(state.step, {k: row[k] for k in ("reward", "invalid_rate", "response_tokens", "kl")
+                                         if k in row})
+            saved_state.checkpoint_or_stop(step=state.step, save_every=train.save_every, run_dir=Path(job.run_dir),
+                                           label=p.algo, dist=state.dist, save=lambda: checkpoint(state),
+                                           progress=progress, stop=stop)
     progress.close()
     return save(state)

@@ -21,6 +21,7 @@ from dxcli.model.build import image_token_count
 from dxcli.model.checkpoint import build_model, load_checkpoint
 from dxcli.runtime import env
 from dxcli.runtime.dist import Dist, all_reduce_sum, init_distributed
+from dxcli.runtime.interrupt import StopRequest
 from dxcli.runtime.metrics import MetricsLog
 from dxcli.runtime.progress import ProgressView
 from dxcli.training import engine as ds
@@ -114,7 +115,8 @@ def setup(job: SftJob) -> SftState:
 
 
 def empty_window() -> dict[str, float]:
-    return dict.fromkeys(("loss", "lm_loss", "bin_loss", "tokens", "micro"), 0.0)
+    """Sums over the micro-batches since the last log line, and when they started."""
+    return {**dict.fromkeys(("loss", "lm_loss", "bin_loss", "tokens", "micro"), 0.0), "started": time.time()}
 
 
 def train_step(state: SftState, batch: dict[str, torch.Tensor]) -> bool:
@@ -157,10 +159,11 @@ def checkpoint(state: SftState) -> None:
                                     state.cfg.train.keep_checkpoints, state.dist)
 
 
-def resume(state: SftState) -> None:
+def resume(state: SftState, log: MetricsLog) -> None:
     client = saved_state.load_training_state(state.engine, Path(state.job.run_dir) / "checkpoints", state.dist)
     if client:
         state.step, state.epoch, state.micro_in_epoch = client["step"], client["epoch"], client["micro_in_epoch"]
+        log.drop_after(state.step)
         if state.dist.main:
             print(f"[{state.job.stage}] resumed from {client['tag']} (step {state.step}, epoch {state.epoch})",
                   flush=True)
@@ -178,34 +181,35 @@ def save(state: SftState) -> Path:
 
 def run(job: SftJob) -> Path:
     state = setup(job)
-    if job.resume:
-        resume(state)
-    train = state.cfg.train
     log = MetricsLog(Path(job.run_dir) / "metrics.jsonl", state.dist.main)
+    if job.resume:
+        resume(state, log)
     progress = ProgressView(state.total_steps, job.stage, state.dist.main, start=state.step)
-    stop_after = env.stop_after_step()
     state.engine.train()
-    window_start = time.time()
-    while state.step < state.total_steps:
-        state.sampler.set_position(state.epoch, state.micro_in_epoch * state.cfg.hardware.micro_batch)
-        for batch in state.loader:
-            if not train_step(state, batch):
-                continue
-            if state.step % train.log_every == 0 or state.step == state.total_steps:
-                row = reduce_window(state.window, time.time() - window_start, state.dist)
-                row.update(step=state.step, epoch=state.epoch + state.micro_in_epoch / state.micro_per_epoch,
-                           lr=state.scheduler.get_last_lr()[0])
-                log.write(row)
-                progress.update(state.step, {k: row[k] for k in ("loss", "lm_loss", "bin_loss", "lr", "tokens_per_s")})
-                state.window, window_start = empty_window(), time.time()
-            if (train.save_every and state.step % train.save_every == 0) or state.step == stop_after:
-                checkpoint(state)
-            if state.step == stop_after:
-                progress.close()
-                raise SystemExit(f"[{job.stage}] stopped after step {state.step} ({env.STOP_AFTER_ENV})")
-            if state.step >= state.total_steps:
-                break
-        else:
-            state.epoch, state.micro_in_epoch = state.epoch + 1, 0
+    with StopRequest(state.dist, state.cfg.train.save_every_minutes) as stop:
+        while state.step < state.total_steps:
+            state.sampler.set_position(state.epoch, state.micro_in_epoch * state.cfg.hardware.micro_batch)
+            for batch in state.loader:
+                if train_step(state, batch):
+                    after_step(state, log, progress, stop)
+                if state.step >= state.total_steps:
+                    break
+            else:
+                state.epoch, state.micro_in_epoch = state.epoch + 1, 0
     progress.close()
     return save(state)
+
+
+def after_step(state: SftState, log: MetricsLog, progress: ProgressView, stop: StopRequest) -> None:
+    """Log the window, then checkpoint or stop when due."""
+    train, now = state.cfg.train, time.time()
+    if state.step % train.log_every == 0 or state.step == state.total_steps:
+        row = reduce_window(state.window, now - state.window.pop("started", now), state.dist)
+        row.update(step=state.step, epoch=state.epoch + state.micro_in_epoch / state.micro_per_epoch,
+                   lr=state.scheduler.get_last_lr()[0])
+        log.write(row)
+        progress.update(state.step, {k: row[k] for k in ("loss", "lm_loss", "bin_loss", "lr", "tokens_per_s")})
+        state.window = empty_window()
+    saved_state.checkpoint_or_stop(step=state.step, save_every=train.save_every, run_dir=Path(state.job.run_dir),
+                                   label=state.job.stage, dist=state.dist, save=lambda: checkpoint(state),
+                                   progress=progress, stop=stop)

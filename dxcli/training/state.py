@@ -3,13 +3,17 @@ position, each rank's RNG) and the final `save_pretrained` folder."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from dxcli.base.errors import Interrupted
 from dxcli.model.checkpoint import save_checkpoint
 from dxcli.runtime.dist import Dist, barrier
-from dxcli.runtime.env import rng_state, set_rng_state
+from dxcli.runtime.env import STOP_AFTER_ENV, rng_state, set_rng_state, stop_after_step
+from dxcli.runtime.interrupt import StopRequest
+from dxcli.runtime.progress import ProgressView
 
 
 def checkpoint_tags(folder: Path) -> list[str]:
@@ -53,3 +57,43 @@ def save_final_model(engine, bundle, out_dir: Path, zero_stage: int, dist: Dist)
         bundle.model = engine.module
         save_checkpoint(bundle, out_dir, state_dict=state)
     barrier(dist)
+
+
+INTERRUPTED_FILE = "interrupted.json"  # rank 0 leaves it when a signal stopped the run after a checkpoint
+
+
+def interruption(run_dir: Path, step: int, signal_name: str | None, dist: Dist) -> Interrupted:
+    """The exception that ends an interrupted loop, its checkpoint saved; rank 0 also leaves a
+    note so the launching process can tell the user (workers then exit quietly)."""
+    checkpoint = Path(run_dir) / "checkpoints" / f"step-{step:07d}"
+    message = (f"{signal_name or 'signal'} at step {step}: checkpoint saved in {checkpoint}; "
+               f"continue with the same command and --resume")
+    if dist.main:
+        (Path(run_dir) / INTERRUPTED_FILE).write_text(json.dumps({"step": step, "message": message}))
+    return Interrupted(message)
+
+
+def pending_interruption(run_dir: Path) -> Interrupted | None:
+    """The Interrupted a launched run's workers left behind (and forget it), else None."""
+    note = Path(run_dir) / INTERRUPTED_FILE
+    if not note.is_file():
+        return None
+    message = json.loads(note.read_text())["message"]
+    note.unlink()
+    return Interrupted(message)
+
+
+def checkpoint_or_stop(*, step: int, save_every: int, run_dir: Path, label: str, dist: Dist,
+                       save: Callable[[], None], progress: ProgressView, stop: StopRequest) -> None:
+    """After an optimizer step: checkpoint when due (every `save_every` steps, every N minutes, or
+    because a signal asked to stop), then stop when asked. Every rank calls it after every step."""
+    halt, due = stop.after_step()
+    crash_test = step == stop_after_step()
+    if due or crash_test or (save_every and step % save_every == 0):
+        save()
+        stop.saved()
+    if halt or crash_test:
+        progress.close()
+        if crash_test:
+            raise SystemExit(f"[{label}] stopped after step {step} ({STOP_AFTER_ENV})")
+        raise interruption(run_dir, step, stop.signal_name, dist)
