@@ -114,7 +114,7 @@ def test_score_equals_sklearn_overall_and_per_domain(tmp_path, seed):
     lines, verdicts = random_answers(seed)
     result = scoring.score_file(write_jsonl(tmp_path / "answers.jsonl", lines))
 
-    assert set(result) == {"overall", "domains"}
+    assert set(result) == {"overall", "domains", "errors"} and result["errors"] == 0
     assert_matches(result["overall"], sklearn_expected(lines, verdicts))
     assert set(result["domains"]) == set(DOMAINS)
     for domain in DOMAINS:
@@ -186,7 +186,7 @@ def test_cli_json_single_file(tmp_path):
     result = runner.invoke(cli_main.app, ["eval", "score", str(path), "--json"])
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)  # exactly one JSON object on stdout
-    assert set(printed) == {"overall", "domains"}
+    assert set(printed) == {"overall", "domains", "errors"}
     assert printed == json.loads(json.dumps(scoring.score_file(path)))
     assert {"n", "accuracy", "precision", "recall", "f1", "invalid", "accuracy_valid",
             "f1_valid", "head_auc", "confusion"} <= set(printed["overall"])
@@ -296,3 +296,13 @@ def test_head_accuracy_counts_a_probability_of_exactly_one_half_as_fake():
     rows = [{"question_id": i, "label": label, "predict": label, "head_prob": prob, "domain": "d"}
             for i, (label, prob) in enumerate([("fake", 0.5), ("real", 0.2), ("fake", 0.9), ("real", 0.1)])]
     assert scoring.score_rows(rows)["overall"]["head_accuracy"] == 1.0
+
+
+def test_rows_whose_image_was_not_read_are_left_out_of_the_figures():
+    rows = [{"question_id": 1, "label": "fake", "predict": "fake", "head_prob": 0.9, "domain": "d"},
+            {"question_id": 2, "label": "real", "predict": "real", "head_prob": 0.1, "domain": "d"},
+            {"question_id": 3, "label": "real", "predict": None, "head_prob": None, "domain": "d",
+             "error": "FileNotFoundError: x.png"}]
+    result = scoring.score_rows(rows)
+    assert result["errors"] == 1 and result["overall"]["n"] == 2 and result["overall"]["invalid"] == 0
+    assert result["overall"]["confusion"] == [[1, 0], [0, 1]]
