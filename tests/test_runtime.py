@@ -61,3 +61,25 @@ def test_identity_comes_from_the_launcher_environment(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key)
     assert distmod.from_env() == Dist(0, 1, 0) and distmod.from_env().main
+
+
+def test_progress_fits_80_columns_with_bar_count_elapsed_and_eta():
+    import io
+
+    from rich.console import Console
+
+    from dxcli.runtime.progress import ProgressView
+
+    out = io.StringIO()
+    console = Console(file=out, width=80, force_terminal=True, color_system=None)
+    view = ProgressView(300, "instruct", True, console=console)
+    metrics = {"loss": 5.2451, "lm_loss": 1.0392, "bin_loss": 0.4205, "lr": 1.9e-05, "tokens_per_s": 10234.5}
+    view.update(150, metrics)
+    view._progress.refresh()
+    view.close()
+    screen = [line for line in out.getvalue().replace("\r", "\n").split("\n") if "150/300" in line]
+    assert screen, out.getvalue()
+    first = screen[-1]
+    assert len(first.rstrip()) <= 80 and "instruct" in first and "━" in first
+    assert "eta" in first and first.count(":") >= 4  # elapsed h:mm:ss and remaining h:mm:ss
+    assert "loss 5.245" in out.getvalue()  # the metrics line below

@@ -31,12 +31,18 @@ def is_tty() -> bool:
 
 def resolve_config(profile: str, sets: list[str] | None, flags: dict[str, Any] | None = None,
                    show: bool = True):
-    """Resolve and (optionally) print the config table; returns `config.Resolved`."""
+    """Resolve the config; with `show`, say which one in a line (`dx --verbose`: the whole table
+    of values that differ from the code defaults). Returns `config.Resolved`."""
     from dxcli import config as cfg
 
     resolved = cfg.resolve(profile, sets or [], flags or {})
-    if show:
+    if show and os.environ.get("DX_VERBOSE"):
         print_config(resolved, only_changed=True)
+    elif show:
+        changed = [f"{key}={value}" for key, value in cfg.flat_items(resolved.config)
+                   if resolved.sources.get(key) in ("--set", "flag")]
+        err_console.print(f"[dim]profile {resolved.profile}" + (f"; {', '.join(changed)}" if changed else "")
+                          + " (dx --verbose shows every setting)[/]", highlight=False)
     return resolved
 
 

@@ -60,9 +60,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the whole resolved config before a run."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
 ) -> None:
+    if verbose:
+        os.environ["DX_VERBOSE"] = "1"
     if debug:
         _state["debug"] = True
         os.environ["DX_DEBUG"] = "1"  # inherited by launched workers

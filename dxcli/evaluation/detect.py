@@ -52,6 +52,7 @@ def open_detector(model: str | None, config: DxConfig):
     if checkpoint is None:
         raise DxError("pass --model CHECKPOINT (a dx checkpoint or run folder)")
     env.set_threads(config.hardware.threads)
+    env.quiet_libraries()
     bundle = load_checkpoint(checkpoint)
     bundle.model.to(from_env().device).eval()
     return bundle

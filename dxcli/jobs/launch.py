@@ -4,6 +4,7 @@ launcher with a hostfile) for several. Ctrl-C stops every worker; a worker's fai
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,8 @@ from typing import Any
 from dxcli.base.errors import DxError, Interrupted
 from dxcli.config import DxConfig
 from dxcli.jobs.registry import run_task, write_job
-from dxcli.runtime.dist import child_environment, free_port
+from dxcli.runtime.dist import child_environment, cpu_comm_op_built, free_port, prepare_deepspeed_environment
+from dxcli.runtime.env import quiet_libraries
 from dxcli.training.state import INTERRUPTED_FILE, pending_interruption
 
 
@@ -59,9 +61,12 @@ def launch(task: str, job: Any, spec: LaunchSpec) -> None:
         stale.unlink(missing_ok=True)
     job_file = run_dir / f"job-{task}.json"
     write_job(task, job, job_file)
+    prepare_deepspeed_environment()
+    quiet_libraries()
     if spec.nproc_per_node * spec.nnodes == 1 and not spec.hostfile:
         run_task(task, job)
         return
+    check_cpu_comm_build()
     env = child_environment(dict(os.environ))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.nproc_per_node)))
     proc = subprocess.Popen(worker_command(spec, job_file), env=env, start_new_session=True)
@@ -77,6 +82,20 @@ def launch(task: str, job: Any, spec: LaunchSpec) -> None:
         errors = sorted(run_dir.glob("error-rank*.txt"))
         detail = errors[0].read_text() if errors else f"see the worker output above (exit status {code})"
         raise DxError(f"{task} failed: {detail}")
+
+
+def check_cpu_comm_build() -> None:
+    """Several CPU processes need DeepSpeed's shared-memory comm op, built once with a C++ compiler:
+    say so before any worker starts (a missing compiler would otherwise be a 100-line traceback)."""
+    import torch
+
+    if torch.cuda.is_available() or cpu_comm_op_built():
+        return
+    if not (shutil.which("c++") or shutil.which("g++")):
+        raise DxError("several CPU processes need DeepSpeed's shared-memory comm op, built once with a C++ "
+                      "compiler, and none was found: install one (e.g. apt-get install g++) or run one process")
+    print("DeepSpeed builds its CPU communication op once for this environment (about a minute)...",
+          file=sys.stderr, flush=True)
 
 
 @contextmanager

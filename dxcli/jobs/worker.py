@@ -13,9 +13,11 @@ from typing import Any
 from dxcli.base.errors import DxError, Interrupted, user_os_error
 from dxcli.jobs.registry import read_job, run_task
 from dxcli.runtime.dist import from_env
+from dxcli.runtime.env import quiet_libraries
 
 
 def main(argv: list[str]) -> int:
+    quiet_libraries()
     task, job = read_job(Path(argv[0]))
     rank = from_env().rank
     try:

@@ -3,9 +3,12 @@ the launcher's environment variables."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -50,12 +53,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def use_cpu_accelerator_if_no_gpu() -> None:
-    """DeepSpeed must be told before import when there is no GPU (then it uses gloo)."""
+SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's shared-memory all-reduce for several CPU processes
+
+
+def prepare_deepspeed_environment() -> None:
+    """Before DeepSpeed is imported: the CPU accelerator when there is no GPU (then it uses gloo),
+    and a build folder for its C++ ops that belongs to this Python environment, so two
+    environments on one machine do not rebuild each other's ops."""
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+
+
+def extensions_dir() -> Path:
+    tag = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    return Path.home() / ".cache" / "dx" / "torch_extensions" / f"py{sys.version_info[0]}{sys.version_info[1]}-{tag}"
+
+
+def cpu_comm_op_built() -> bool:
+    return any(Path(os.environ.get("TORCH_EXTENSIONS_DIR", extensions_dir())).glob(f"{SHM_OP}*/*.so"))
 
 
 def init_distributed() -> Dist:
@@ -63,7 +81,7 @@ def init_distributed() -> Dist:
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    use_cpu_accelerator_if_no_gpu()
+    prepare_deepspeed_environment()
     import warnings
 
     # torch's deprecation notices for the collectives DeepSpeed calls, once per call per rank
@@ -72,6 +90,10 @@ def init_distributed() -> Dist:
     import torch
 
     if not torch.distributed.is_initialized():
+        if int(os.environ["WORLD_SIZE"]) == 1:
+            # one process has no peer to share memory with: skip DeepSpeed's shared-memory comm op
+            # (a C++ build of up to two minutes that would also demand a compiler for nothing)
+            deepspeed.ops.__compatible_ops__[SHM_OP] = False
         deepspeed.init_distributed(verbose=False)
     dist = from_env()
     if torch.cuda.is_available():

@@ -29,10 +29,16 @@ def torch_dtype(precision: str) -> "torch.dtype":  # noqa: F821
 
 
 def quiet_libraries() -> None:
-    """dx draws its own progress; transformers' per-file bars would interleave with it."""
+    """Silence what tells a dx user nothing: transformers' per-file progress bars (dx draws its
+    own), torch's "no CUDA runtime, using CUDA_HOME" notice when DeepSpeed loads its op builders
+    on a CPU machine, and DeepSpeed's accelerator auto-detection line."""
+    import logging
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
 def seed_everything(seed: int) -> None:
