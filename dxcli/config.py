@@ -251,7 +251,7 @@ def _apply(config: Any, data: dict[str, Any], source: str, sources: dict[str, st
         else:
             setattr(config, name, _coerce(key, kind, value))
             sources[key] = source
-    _validate_choices(config)
+    _validate_choices(config, prefix)
 
 
 def _sections() -> list[str]:
@@ -268,11 +268,43 @@ _CHOICES = {
 }
 
 
-def _validate_choices(section: Any) -> None:
+def _validate_choices(section: Any, prefix: str = "") -> None:
     for name, allowed in _CHOICES.items():
         value = getattr(section, name, None)
         if value is not None and hasattr(section, name) and value not in allowed:
-            raise UsageError(f"{name}: must be one of {', '.join(allowed)}, got {value!r}")
+            raise UsageError(f"{prefix}{name}: must be one of {', '.join(allowed)}, got {value!r}")
+
+
+# Counts and sizes that only make sense in a range: (lowest allowed, whether that bound itself is
+# excluded). A negative step count would otherwise train "-3 steps" and report success.
+_RANGES: dict[str, tuple[float, bool]] = {
+    **dict.fromkeys(["hardware.nproc_per_node", "hardware.nnodes", "hardware.micro_batch", "hardware.grad_accum",
+                     "train.keep_checkpoints", "train.log_every", "train.max_length", "prpo.images_per_step",
+                     "prpo.max_new_tokens", "prpo.updates_per_rollout", "eval.batch_size", "eval.max_new_tokens",
+                     "model.image_size", "model.head_hidden"], (1, False)),
+    **dict.fromkeys(["hardware.num_workers", "hardware.threads", "hardware.zero_stage", "train.max_steps",
+                     "train.save_every", "train.save_every_minutes", "train.warmup_ratio", "train.weight_decay",
+                     "train.max_grad_norm", "prpo.beta", "prpo.eps_low", "prpo.eps_high", "prpo.vcr_weight",
+                     "prpo.pcr_weight", "eval.temperature", "align.bin_alpha", "instruct.bin_alpha"], (0, False)),
+    **dict.fromkeys(["train.epochs", "align.lr", "instruct.lr", "prpo.lr", "align.epochs", "instruct.epochs",
+                     "prpo.epochs", "prpo.temperature", "prpo.top_p", "eval.top_p", "prpo.adv_eps"], (0, True)),
+    "prpo.group_size": (2, False),  # advantages compare samples of one image: one sample has none
+}
+
+
+def _validate_ranges(config: "DxConfig") -> None:
+    known = set(leaf_keys())
+    for key, (lowest, strict) in _RANGES.items():
+        if key not in known:
+            continue
+        value = get_value(config, key)
+        if value is None:
+            continue
+        if value < lowest or (strict and value == lowest):
+            bound = f"> {lowest}" if strict else f">= {lowest}"
+            raise UsageError(f"{key} must be {bound}, got {value}")
+    if config.hardware.zero_stage > 3:
+        raise UsageError(f"hardware.zero_stage must be 0, 1, 2 or 3, got {config.hardware.zero_stage}")
 
 
 def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
@@ -360,6 +392,7 @@ def resolve(profile: str | None = DEFAULT_PROFILE, sets: list[str] | None = None
 
 def _validate_combinations(config: DxConfig) -> None:
     """Checks across keys, run once on the final config (so the order of --set items never matters)."""
+    _validate_ranges(config)
     hw = config.hardware
     if hw.offload_params and hw.zero_stage != 3:
         raise UsageError(f"hardware.offload_params needs hardware.zero_stage=3 (got {hw.zero_stage}): "

@@ -139,3 +139,22 @@ def test_deepspeed_config_offloads_what_the_keys_say():
                                                         "hardware.offload_optimizer=false"]).config, lr=1e-5, world=2)
     assert params["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert "offload_optimizer" not in params["zero_optimization"] and params["optimizer"]["params"]["torch_adam"]
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("train.max_steps=-3", "train.max_steps must be >= 0"),
+    ("prpo.group_size=1", "prpo.group_size must be >= 2"),
+    ("hardware.micro_batch=0", "hardware.micro_batch must be >= 1"),
+    ("instruct.lr=0", "instruct.lr must be > 0"),
+    ("hardware.precision=fp8", "hardware.precision: must be one of"),
+])
+def test_values_out_of_range_are_usage_errors_naming_the_key(bad, message):
+    with pytest.raises(UsageError, match=message):
+        config.resolve("cpu-tiny", [bad])
+
+
+def test_train_refuses_negative_steps_before_doing_anything(tmp_path):
+    result = CliRunner().invoke(app, ["train", "align", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+                                      "--set", "train.max_steps=-3"])
+    assert result.exit_code == 2 and "train.max_steps must be >= 0" in result.output
+    assert not (tmp_path / "r").exists()

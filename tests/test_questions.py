@@ -93,3 +93,16 @@ def test_errors(tree: Path, tmp_path: Path):
         generate_questions(tree, n=None, seed=0, balanced=False, domain="zzz")
     assert exit_status(gen([str(tmp_path / "missing"), "--out", str(tmp_path / "q")])) == 2
     assert exit_status(gen([str(tree), "--out", str(tmp_path / "q"), "--split", "train"])) == 1
+
+
+def test_asking_for_more_questions_than_exist_is_an_error(tmp_path):
+    from dxcli.data.demo import make_demo
+    from dxcli.data.questions import generate_questions
+
+    root = tmp_path / "d"
+    make_demo(root, seed=0, n_train=4, n_val=2, n_test=6)
+    available = len(generate_questions(root, n=None, seed=0, balanced=False)[0])
+    with pytest.raises(UsageError, match="--n"):
+        generate_questions(root, n=available + 1, seed=0, balanced=False)
+    with pytest.raises(UsageError, match="--balanced"):
+        generate_questions(root, n=5000, seed=0, balanced=True)

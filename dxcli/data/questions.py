@@ -64,10 +64,15 @@ def _sample(questions: list[dict], n: int | None, seed: int, balanced: bool) -> 
         by_label = {label: [q for q in pool if q["label"] == label] for label in LABELS}
         per_label = min(len(group) for group in by_label.values())
         if n is not None:
-            per_label = min(per_label, n // 2)
+            if n > 2 * per_label:
+                raise UsageError(f"--n {n} --balanced needs {(n + 1) // 2} images of each label; the smaller label "
+                                 f"has {per_label} (at most --n {2 * per_label}, or leave out --n)")
+            per_label = n // 2
         chosen = [q for label in LABELS for q in rng.sample(by_label[label], per_label)]
     else:
-        chosen = pool if n is None or n >= len(pool) else rng.sample(pool, n)
+        if n is not None and n > len(pool):
+            raise UsageError(f"--n {n}: only {len(pool)} images are available (leave out --n for all of them)")
+        chosen = pool if n is None else rng.sample(pool, n)
     return sorted(chosen, key=lambda q: q["question_id"])
 
 
