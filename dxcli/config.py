@@ -44,6 +44,9 @@ class ModelConfig:
     vision: str = "convnext_large_mlp.clip_laion2b_ft_soup_320"  # timm name
     vision_weights: str | None = None  # local file/folder or hub id; None -> timm's own
     llm: str = "lmsys/vicuna-7b-v1.5"  # local folder or hub id
+    # hub ids load from the Hugging Face cache only (an offline machine fails at once, saying what
+    # to download); true lets transformers and timm download what is missing
+    download: bool = False
     image_size: int = 320
     head_hidden: int = 512
     # Model shapes for the memory planner (`dx profiles show --memory`), so it needs no download:

@@ -282,3 +282,15 @@ def test_bad_vision_weights_fail_loudly(parts, tmp_path):
         compose(compose_cfg(parts, vision_weights=str(tmp_path / "absent.safetensors")))
     with pytest.raises(DxError, match="neither a local file"):
         compose(compose_cfg(parts, vision_weights="weights/absent.pth"))
+
+
+def test_a_hub_id_missing_from_the_cache_fails_at_once_saying_what_to_do(monkeypatch, tmp_path):
+    """Offline by default: no connection attempt, a one-line error naming the download command."""
+    import socket
+
+    attempts = []
+    monkeypatch.setattr(socket.socket, "connect", lambda self, address: attempts.append(address))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(DxError, match="hf download some-org/no-such-model"):
+        compose(ModelConfig(llm="some-org/no-such-model"))
+    assert attempts == []

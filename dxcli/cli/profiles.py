@@ -20,9 +20,15 @@ def list_() -> None:
     """
     from dxcli import config as cfg
 
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
     for name, path in cfg.list_profiles().items():
         first = next((l.lstrip("# ").strip() for l in path.read_text().splitlines() if l.strip()), "")
-        console.print(f"[bold]{name}[/]  {first}")
+        table.add_row(name, first.removeprefix(f"{name}:").strip())  # the description, without its own name
+    console.print(table)
 
 
 @app.command("show")

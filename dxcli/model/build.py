@@ -219,10 +219,11 @@ def build_tiny(cfg: ModelConfig, texts: list[str], seed: int = 0,
 def compose(cfg: ModelConfig, dtype: torch.dtype | None = None, seed: int = 0) -> ModelBundle:
     """timm tower (`cfg.vision`, weights from `cfg.vision_weights`) + causal LM (`cfg.llm`);
     `<image>` (and a pad token if missing) added; projector and head fresh."""
-    tokenizer = _load_tokenizer(cfg.llm)
-    llm, llm_notes = _load_llm(cfg.llm, dtype)
-    vision_config, stride = _vision_config(cfg.vision, {}, cfg.image_size)
-    tower, vision_notes = _load_vision(vision_config, cfg.vision_weights, llm.dtype)
+    with hub_access(cfg.download):
+        tokenizer = _load_tokenizer(cfg.llm)
+        llm, llm_notes = _load_llm(cfg.llm, dtype)
+        vision_config, stride = _vision_config(cfg.vision, {}, cfg.image_size)
+        tower, vision_notes = _load_vision(vision_config, cfg.vision_weights, llm.dtype)
     _add_special_tokens(tokenizer)
 
     config = _dx_config(vision_config, llm.config, tokenizer.convert_tokens_to_ids(template.IMAGE_TOKEN),
@@ -264,13 +265,32 @@ def _assemble(config: DxLlavaConfig, tower: Any, llm: Any, seed: int) -> DxLlava
     return model
 
 
+DOWNLOAD_HINT = ("dx loads hub ids from the Hugging Face cache: fetch it once (`hf download {name}`), point the "
+                 "key at a local folder, or allow downloads with --set model.download=true")
+
+
+@contextmanager
+def hub_access(download: bool) -> Iterator[None]:
+    """Without `download`, the hub is offline for transformers and timm alike: a missing file is
+    an immediate error rather than a minute of connection retries on a machine without network."""
+    import huggingface_hub.constants as hub
+
+    previous = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = previous or not download
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = previous
+
+
 def _load_tokenizer(llm: str) -> Any:
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(llm)
     except (OSError, ValueError) as exc:
-        raise DxError(f"could not load the tokenizer of '{llm}': {exc}") from None
+        raise DxError(f"could not load the tokenizer of model.llm '{llm}': {_first_line(exc)}. "
+                      + DOWNLOAD_HINT.format(name=llm)) from None
 
 
 def _load_llm(llm: str, dtype: torch.dtype | None) -> tuple[Any, list[str]]:
@@ -281,7 +301,7 @@ def _load_llm(llm: str, dtype: torch.dtype | None) -> tuple[Any, list[str]]:
         model, info = AutoModelForCausalLM.from_pretrained(llm, output_loading_info=True,
                                                            dtype=dtype or torch.float32)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise DxError(f"could not load the LLM '{llm}': {exc}") from None
+        raise DxError(f"could not load the LLM '{llm}': {_first_line(exc)}. " + DOWNLOAD_HINT.format(name=llm)) from None
     missing = sorted(info.get("missing_keys") or [])
     mismatched = sorted(str(k) for k in info.get("mismatched_keys") or [])
     if missing or mismatched:
@@ -330,8 +350,9 @@ def _vision_state_dict(arch: str, weights: str | None) -> dict[str, torch.Tensor
         return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay).state_dict()
     except Exception as exc:  # noqa: BLE001 - network/hub failures come in many types
         where = weights or "timm's default source"
-        raise DxError(f"could not fetch vision weights for {arch} from {where} "
-                      f"(offline? give a local file with model.vision_weights): {exc}") from None
+        raise DxError(f"could not load vision weights for {arch} from {where}: {_first_line(exc)}. "
+                      "Give a local file with model.vision_weights, or " + DOWNLOAD_HINT.format(name=weights or arch)
+                      .removeprefix("dx loads hub ids from the Hugging Face cache: ")) from None
 
 
 def _add_special_tokens(tokenizer: Any) -> None:
@@ -355,6 +376,10 @@ def _set_generation_tokens(model: DxLlavaForConditionalGeneration, tokenizer: An
     gen.pad_token_id = tokenizer.pad_token_id
     # A sampled `<image>` would later be taken for an image slot (prompt_embeds, log-probs).
     gen.suppress_tokens = [model.config.image_token_id]
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
 
 
 def preview(keys: list[str], limit: int = 5) -> str:
