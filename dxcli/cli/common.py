@@ -18,10 +18,13 @@ ProfileOpt = Annotated[
     str,
     typer.Option("--profile", "-p", help="Profile name (see `dx profiles list`) or a YAML path."),
 ]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a config key, e.g. --set train.max_steps=20 (repeatable)."),
-]
+def set_option(example: str) -> Any:
+    """The repeatable --set option, with an example that fits the command it belongs to."""
+    return Annotated[list[str] | None, typer.Option(
+        "--set", help=f"Override a config key, e.g. --set {example} (repeatable; `dx profiles show` lists the keys).")]
+
+
+SetOpt = set_option("train.max_steps=20")
 DEFAULT_PROFILE_NAME = DEFAULT_PROFILE  # the one default, from config
 
 
@@ -88,3 +91,22 @@ def print_memory_plan(plan: Any, profile: str | None, console_: Console | None =
     colour = "green" if plan.fits and plan.headroom >= 0.10 else ("yellow" if plan.fits else "red")
     out.print(f"[bold {colour}]total {plan.total:.1f} GiB of {plan.capacity:g} GiB, headroom "
               f"{100 * plan.headroom:.0f}%[/]")
+
+
+def reflow(doc: str | None) -> str | None:
+    """A command's docstring as help text: each paragraph joined into one line, so the terminal
+    wraps it evenly at its own width; every `Example:` line stays a paragraph of its own."""
+    if not doc:
+        return doc
+    import inspect
+
+    paragraphs: list[list[str]] = []
+    for block in inspect.cleandoc(doc).split("\n\n"):
+        current: list[str] = []
+        for line in block.splitlines():
+            if line.lstrip().startswith("Example") and current:
+                paragraphs.append(current)
+                current = []
+            current.append(line.strip())
+        paragraphs.append(current)
+    return "\n\n".join(" ".join(lines) for lines in paragraphs if lines)

@@ -7,13 +7,13 @@ from typing import Annotated
 
 import typer
 
-from dxcli.cli.common import SetOpt, console, err_console
+from dxcli.cli.common import set_option, console, err_console
 
 
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for every step's output.")] = Path("dx-demo"),
     force: Annotated[bool, typer.Option("--force", help="Delete OUT and start over (default: resume).")] = False,
-    sets: SetOpt = None,
+    sets: set_option("instruct.epochs=2") = None,
 ) -> None:
     """Run the whole pipeline on the built-in demo data (cpu-tiny profile, offline, minutes on a CPU).
 

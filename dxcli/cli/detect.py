@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dxcli.cli.common import DEFAULT_PROFILE_NAME, ProfileOpt, SetOpt, console, err_console, resolve_config
+from dxcli.cli.common import DEFAULT_PROFILE_NAME, ProfileOpt, set_option, console, err_console, resolve_config
 
 
 def detect(
@@ -17,7 +17,7 @@ def detect(
     no_reasoning: Annotated[bool, typer.Option("--no-reasoning", help="Binary head only: no text generation (fast).")] = False,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Generation length cap.")] = None,
     profile: ProfileOpt = DEFAULT_PROFILE_NAME,
-    sets: SetOpt = None,
+    sets: set_option("eval.max_new_tokens=256") = None,
 ) -> None:
     """Is this image real or fake? Prints the verdict, the head's P(fake), the reasoning and the time.
 

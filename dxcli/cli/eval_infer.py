@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dxcli.cli.common import DEFAULT_PROFILE_NAME, ProfileOpt, SetOpt, console, resolve_config
+from dxcli.cli.common import DEFAULT_PROFILE_NAME, ProfileOpt, set_option, console, resolve_config
 
 
 def infer(
@@ -22,7 +22,7 @@ def infer(
     nproc_per_node: Annotated[Optional[int], typer.Option("--nproc-per-node", help="Processes (each takes a shard).")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Succeed even when some images cannot be read (they stay in OUT as error rows, left out of the scores).")] = False,
     profile: ProfileOpt = DEFAULT_PROFILE_NAME,
-    sets: SetOpt = None,
+    sets: set_option("eval.batch_size=8") = None,
 ) -> None:
     """Answer every question with batched generation; lines are appended as they come.
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dxcli.cli.common import DEFAULT_PROFILE_NAME, ProfileOpt, SetOpt, console, resolve_config
+from dxcli.cli.common import DEFAULT_PROFILE_NAME, ProfileOpt, set_option, console, resolve_config
 
 
 def rewards(
@@ -19,7 +19,7 @@ def rewards(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON list, one object per input row.")] = False,
     every_row: Annotated[bool, typer.Option("--rows", help="Also print every response's paragraph table (long).")] = False,
     profile: ProfileOpt = DEFAULT_PROFILE_NAME,
-    sets: SetOpt = None,
+    sets: set_option("prpo.vcr_weight=0.3") = None,
 ) -> None:
     """Explain the PRPO reward: paragraphs with keyword, evidence label, VCR, PCR, reward and advantage.
 

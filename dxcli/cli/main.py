@@ -10,6 +10,7 @@ import typer
 from dxcli import __version__
 from dxcli.cli import dataset, demo, detect, profiles, questions, train
 from dxcli.cli import eval as eval_group
+from dxcli.cli.common import reflow
 
 _state = {"debug": bool(os.environ.get("DX_DEBUG"))}
 
@@ -81,6 +82,16 @@ app.add_typer(train.app, name="train")
 app.add_typer(eval_group.app, name="eval")
 detect.register(app)
 demo.register(app)
+
+
+def _reflow_help(typer_app: typer.Typer) -> None:
+    for command in typer_app.registered_commands:
+        command.callback.__doc__ = reflow(command.callback.__doc__)
+    for group in typer_app.registered_groups:
+        _reflow_help(group.typer_instance)
+
+
+_reflow_help(app)
 
 
 def run() -> None:

@@ -83,7 +83,7 @@ def prpo(
     """Stage 3, RL: PRPO (paragraph-level rewards) or the GRPO baseline, from an instruct checkpoint.
 
     Example: dx train prpo --model runs/instruct --data demo-data --out runs/prpo --algo prpo
-    Test-time RL on a held-out domain: dx train prpo --model runs/instruct --data DF_R5 --domain sit --split test --labels none --out runs/ttrl
+    Example (test-time RL on a held-out domain): dx train prpo --model runs/instruct --data DF_R5 --domain sit --split test --labels none --out runs/ttrl
     """
     from dxcli.jobs.launch import LaunchSpec
     from dxcli.jobs.stages import run_prpo_stage
