@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dxcli import config
+from dxcli.base.errors import DxError
 from dxcli.cli.main import app
 
 runner = CliRunner()
@@ -29,11 +30,12 @@ def questions(tmp_path_factory, demo_root) -> Path:
     return path
 
 
-def infer(model: Path, questions: Path, images: Path, out: Path, *sets: str) -> int:
+def infer(model: Path, questions: Path, images: Path, out: Path, *sets: str, skip_bad: bool = False) -> int:
     from dxcli.jobs.stages import run_infer
 
     resolved = config.resolve("cpu-tiny", ["eval.max_new_tokens=48", *sets])
-    return run_infer(model=str(model), questions=questions, images=images, out=out, config=resolved.config)
+    return run_infer(model=str(model), questions=questions, images=images, out=out, config=resolved.config,
+                     skip_bad=skip_bad)
 
 
 def test_batched_and_one_at_a_time_generation_agree(trained, demo_root):
@@ -74,7 +76,12 @@ def test_missing_image_gives_a_null_answer_and_the_run_goes_on(trained, demo_roo
     broken = tmp_path / "q.jsonl"
     broken.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "a.jsonl"
-    assert infer(trained["instruct"], broken, demo_root, out) == 3
+    with pytest.raises(DxError, match="1 of 3 question.*missing.png.*--skip-bad"):
+        infer(trained["instruct"], broken, demo_root, out)
+    assert infer(trained["instruct"], broken, demo_root, out, skip_bad=True) == 3  # resumes: nothing redone
+    result = runner.invoke(app, ["eval", "infer", "--model", str(trained["instruct"]), "--questions", str(broken),
+                                 "--images", str(demo_root), "--out", str(out)])
+    assert result.exit_code == 1 and "missing.png" in result.output and "--skip-bad" in result.output
     answers = {r["question_id"]: r for r in map(json.loads, out.read_text().splitlines())}
     bad = answers[rows[1]["question_id"]]
     assert bad["predict"] is None and "error" in bad
@@ -124,3 +131,30 @@ def test_detect_head_only_is_consistent_with_the_head(trained, demo_root):
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout.strip().splitlines()[-1])
     assert row["verdict"] == ("fake" if row["head_prob"] >= 0.5 else "real") and row["reasoning"] is None
+
+
+def test_plain_transformers_loads_the_model_and_generates_dx_text(trained, demo_root):
+    """The README's lines: Auto classes, no remote code, the saved chat template; same greedy text
+    as dx's own generate. The weights file is as readable as the other files of the folder."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from dxcli.base.images import load_rgb
+    from dxcli.base.template import DEFAULT_QUESTION
+    from dxcli.model.checkpoint import load_checkpoint
+    from dxcli.model.generate import generate
+
+    path, image = trained["instruct"], sorted(demo_root.glob("gan/test/fake/*.png"))[0]
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": DEFAULT_QUESTION}]}]
+    inputs = processor(images=Image.open(image), text=processor.apply_chat_template(messages, add_generation_prompt=True),
+                       return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=48, do_sample=False)
+    text = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    bundle = load_checkpoint(path)
+    bundle.model.eval()
+    assert text == generate(bundle, [load_rgb(image)], [DEFAULT_QUESTION], max_new_tokens=48).texts[0]
+    assert type(model).__name__ == "FastVlmForConditionalGeneration"
+    modes = {f.name: f.stat().st_mode & 0o777 for f in path.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"]

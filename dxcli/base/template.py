@@ -15,6 +15,24 @@ DEFAULT_QUESTION = (
 )
 
 
+# The same conversation as `prompt`, as a Jinja chat template for the saved processor, so plain
+# transformers builds dx's prompt with `processor.apply_chat_template(messages, add_generation_prompt=True)`
+# (messages: [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]).
+CHAT_TEMPLATE = (
+    SYSTEM +  # plain text: Jinja passes it through as it is
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %} USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] if part['type'] == 'image' %}" + IMAGE_TOKEN + "\n{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}{% endif %}"
+    "{% elif message['role'] == 'assistant' %} ASSISTANT: "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}{% endif %}"
+    + EOS + "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+)
+
+
 def user_text(question: str) -> str:
     """The human turn: `<image>` first, then the question (LLaVA convention)."""
     question = question.replace(IMAGE_TOKEN, "").strip()

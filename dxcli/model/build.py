@@ -68,6 +68,7 @@ def make_processor(tokenizer: Any, image_size: int, patch_size: int) -> Any:
         vision_feature_select_strategy="full",
         num_additional_image_tokens=0,
         image_token=template.IMAGE_TOKEN,
+        chat_template=template.CHAT_TEMPLATE,
     )
 
 

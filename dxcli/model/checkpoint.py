@@ -4,6 +4,7 @@ from a config (checkpoint, tiny preset or composition)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from dxcli.base.errors import DxError
 from dxcli.config import ModelConfig
 from dxcli.model.build import ModelBundle, build_tiny, compose, preview, summarise, unexpected_note
-from dxcli.model.dxllava import DxLlavaConfig, DxLlavaForConditionalGeneration, register_auto_classes
+from dxcli.model.dxllava import DxLlavaForConditionalGeneration
 
 
 def save_checkpoint(bundle: ModelBundle, path: str | Path, state_dict: dict | None = None) -> None:
@@ -22,22 +23,32 @@ def save_checkpoint(bundle: ModelBundle, path: str | Path, state_dict: dict | No
     bundle.model.save_pretrained(path, state_dict=state_dict)
     bundle.processor.save_pretrained(path)
     bundle.tokenizer.save_pretrained(path)
+    _readable_like_other_files(path)
+
+
+def _readable_like_other_files(path: Path) -> None:
+    """safetensors writes its file through a private temporary (mode 0600); give every file of the
+    folder the mode the user's umask gives any new file, so the weights are shared like the rest."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in path.iterdir():
+        if file.is_file():
+            file.chmod(0o666 & ~mask)
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> ModelBundle:
     """Model, tokenizer and processor from a dx checkpoint folder (dtype None: as saved)."""
     from transformers import LlavaProcessor
 
-    register_auto_classes()
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise DxError(f"not a dx checkpoint: {path} has no config.json" if path.is_dir()
                       else f"checkpoint folder not found: {path}")
-    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    if model_type != DxLlavaConfig.model_type:
-        raise DxError(f"not a dx checkpoint: {path} holds a '{model_type}' model, expected "
-                      f"'{DxLlavaConfig.model_type}' (compose one with model.llm/model.vision instead)")
+    saved = json.loads(config_file.read_text(encoding="utf-8"))
+    if "head_hidden" not in saved:  # a plain LLM or VLM folder: no binary head to load
+        raise DxError(f"not a dx checkpoint: {path} holds a '{saved.get('model_type')}' model without dx's "
+                      "binary head (compose one with model.llm/model.vision instead)")
     model, info = DxLlavaForConditionalGeneration.from_pretrained(
         path, dtype=dtype or "auto", output_loading_info=True
     )

@@ -12,15 +12,20 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageTextToText, FastVlmConfig, FastVlmForConditionalGeneration
+from transformers import FastVlmConfig, FastVlmForConditionalGeneration
 from transformers.models.fast_vlm.modeling_fast_vlm import FastVlmCausalLMOutputWithPast
 from transformers.utils.generic import can_return_tuple
 
 
 class DxLlavaConfig(FastVlmConfig):
-    """FastVlm's config plus the width of the binary head's hidden layer."""
+    """FastVlm's config plus the width of the binary head's hidden layer.
 
-    model_type = "dx_llava"
+    It keeps FastVlm's model type, so a saved dx checkpoint opens with plain transformers
+    (`AutoModelForImageTextToText`, no remote code): that loads everything but the binary head,
+    which it reports as unused tensors; dx reads the head too. `head_hidden` in config.json is
+    what marks the folder as a dx checkpoint.
+    """
+
     head_hidden: int = 512
 
 
@@ -170,9 +175,3 @@ class DxLlavaForConditionalGeneration(FastVlmForConditionalGeneration):
         if mode and self.vision_frozen:
             self.model.vision_tower.eval()
         return self
-
-
-def register_auto_classes() -> None:
-    """Let AutoConfig/AutoModelForImageTextToText open dx checkpoint folders too."""
-    AutoConfig.register(DxLlavaConfig.model_type, DxLlavaConfig, exist_ok=True)
-    AutoModelForImageTextToText.register(DxLlavaConfig, DxLlavaForConditionalGeneration, exist_ok=True)

@@ -7,6 +7,8 @@ import os
 import random
 from typing import Any
 
+from dxcli.runtime.dist import prepare_deepspeed_environment
+
 STOP_AFTER_ENV = "DX_STOP_AFTER_STEP"  # crash simulation: a loop exits right after this step's checkpoint
 
 
@@ -34,6 +36,7 @@ def quiet_libraries() -> None:
     on a CPU machine, and DeepSpeed's accelerator auto-detection line."""
     import logging
 
+    prepare_deepspeed_environment()  # transformers may import DeepSpeed: let it find its accelerator quietly
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
