@@ -252,11 +252,11 @@ def test_torn_last_line_is_skipped_with_a_warning(tmp_path):
 def test_cli_errors_are_one_red_line(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"label": "real", "predict": "real"}\n[1, 2\n')
-    for argv, needle in ([str(tmp_path / "missing.jsonl")], "no such file"), ([str(bad)], ":2:"):
+    for argv, needle, code in (([str(tmp_path / "missing.jsonl")], "no such file", 2), ([str(bad)], ":2:", 1)):
         monkeypatch.setattr(sys, "argv", ["dx", "eval", "score", *argv])
         with pytest.raises(SystemExit) as exit_info:
             cli_main.run()
-        assert exit_info.value.code == 1
+        assert exit_info.value.code == code
         err = capsys.readouterr().err
         assert needle in err and err.startswith("error:") and "Traceback" not in err
 

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from dxcli.base.errors import DxError
+from dxcli.base.errors import DxError, UsageError
 
 
 def iter_jsonl(path: Path, *, allow_torn_tail: bool = False) -> Iterator[dict[str, Any]]:
@@ -25,7 +25,7 @@ def iter_numbered_jsonl(path: Path, *, allow_torn_tail: bool = False) -> Iterato
     """
     path = Path(path)
     if not path.is_file():
-        raise DxError(f"{path}: no such file")
+        raise UsageError(f"{path}: no such file")
     with path.open("rb") as fh:
         lines = fh.read().split(b"\n")
     last = len(lines) - 1
@@ -47,7 +47,7 @@ def read_json_or_jsonl(path: Path) -> list[dict[str, Any]]:
     """Read a JSON array of objects or a JSONL file (decided by the first non-blank character)."""
     path = Path(path)
     if not path.is_file():
-        raise DxError(f"{path}: no such file")
+        raise UsageError(f"{path}: no such file")
     text = path.read_text(encoding="utf-8", errors="strict")
     if text.lstrip().startswith("["):
         try:
