@@ -27,6 +27,7 @@ from dxcli.base.errors import DxError, UsageError
 from dxcli.base.images import safe_image_path
 from dxcli.base.jsonio import iter_jsonl, read_json_or_jsonl
 from dxcli.evaluation import score as scoring
+from dxcli.evaluation.report import cell_text
 from dxcli.rl.paragraphs import split_paragraphs
 
 THUMBNAIL_SIDE = 192  # px, longest side: enough to recognise a face, small enough to inline many
@@ -43,7 +44,6 @@ FULL_COLUMNS = [
 # Side by side: fewer figures and shorter headers, so two files fit a 1200 px window.
 COMPARE_COLUMNS = {"n": "n", "accuracy": "acc", "balanced_accuracy": "bal acc", "f1": "F1",
                    "invalid": "no verd.", "head_auc": "AUC", "ap": "AP", "eer": "EER"}
-COUNT_KEYS = {"n", "invalid"}
 
 
 @dataclass
@@ -155,9 +155,9 @@ def _file_section(name: str, path: str, rows: Sequence[Mapping[str, Any]],
         "name": name, "path": path, "n": len(rows),
         "n_mistakes": sum(row["predict"] != row["label"] for row in rows),
         "headers": [header for _, header, _ in FULL_COLUMNS],
-        "rows": [{"group": group, "cells": [_cell(score["domains"][group], key)
+        "rows": [{"group": group, "cells": [cell_text(score["domains"][group], key)
                                             for key, _, _ in FULL_COLUMNS]} for group in groups],
-        "overall": [_cell(score["overall"], key) for key, _, _ in FULL_COLUMNS],
+        "overall": [cell_text(score["overall"], key) for key, _, _ in FULL_COLUMNS],
         "confusions": [_confusion("overall", score["overall"])]
         + [_confusion(group, score["domains"][group]) for group in groups],
         "mistakes": cards,
@@ -177,7 +177,7 @@ def _comparison(scores: Mapping[str, Any], names: Mapping[str, str]) -> dict[str
         for metrics in per_file:
             for key, _, better in columns:
                 best = better is not None and _is_best(metrics, per_file, key, better)
-                cells.append({"text": _cell(metrics, key), "best": best})
+                cells.append({"text": cell_text(metrics, key), "best": best})
         rows.append({"group": group, "cells": cells, "overall": group == "overall"})
     return {"files": [names[path] for path in scores], "headers": [h for _, h, _ in columns],
             "rows": rows}
@@ -194,15 +194,6 @@ def _is_best(metrics: Mapping[str, Any] | None, per_file: list, key: str, better
 def _confusion(group: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
     (tn, fp), (fn, tp) = metrics["confusion"]
     return {"group": group, "cells": [["real", tn, fp], ["fake", fn, tp]]}
-
-
-def _cell(metrics: Mapping[str, Any] | None, key: str) -> str:
-    if metrics is None:
-        return ""
-    value = metrics.get(key)
-    if value is None:
-        return "-"
-    return str(value) if key in COUNT_KEYS else f"{100 * value:.1f}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def _build_table(files: Mapping[str, Mapping[str, Any]], columns: list[tuple[str
         cells = []
         for res in files.values():
             metrics = res["overall"] if group == OVERALL else res["domains"].get(group)
-            cells += [_cell(metrics, key) for key, _ in columns]
+            cells += [cell_text(metrics, key) for key, _ in columns]
         style = "bold" if group == OVERALL else None
         table.add_row(group, *cells, style=style, end_section=bool(groups) and group == groups[-1])
     return table
@@ -129,7 +129,7 @@ def _columns_for(n_files: int) -> list[tuple[str, str]]:
     return COMPACT_COLUMNS if n_files == 2 else MINIMAL_COLUMNS
 
 
-def _cell(metrics: Mapping[str, Any] | None, key: str) -> str:
+def cell_text(metrics: Mapping[str, Any] | None, key: str) -> str:
     if metrics is None:
         return ""
     value = metrics.get(key)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dxcli.config import DxConfig, ModelConfig
+from dxcli.model.build import timm_on_meta
 from dxcli.base.errors import DxError, UsageError
 
 GIB = 2**30
@@ -243,18 +244,9 @@ def _meta_llm(llm_cfg: Any) -> tuple[int, int, int]:
 
 def _meta_vision(arch: str, args: dict[str, Any]) -> tuple[int, int, int, int]:
     """(parameters, output width, stride, largest layer) of the timm tower as TimmWrapperModel builds it."""
-    import timm
-    import torch
-
     if args.get("dims"):
         args = {**args, "depths": tuple(args["depths"]), "dims": tuple(args["dims"])}
-    try:
-        with torch.device("meta"):
-            net = timm.create_model(arch, pretrained=False, num_classes=0, **args)
-    except RuntimeError as exc:
-        raise DxError(f"unknown timm model '{arch}': {exc}") from None
-    info = getattr(net, "feature_info", None)
-    stride = info[-1]["reduction"] if info else 32
+    net, stride = timm_on_meta(arch, args)
     return _unique_numel(net), net.num_features, stride, _largest_layer(net)
 
 

@@ -90,8 +90,8 @@ def vision_stride(arch: str, model_args: dict | None = None) -> int:
     return _timm_shape(arch, model_args or {})[1]
 
 
-def _timm_shape(arch: str, model_args: dict) -> tuple[int, int]:
-    """(last-stage width, last-stage stride) of a timm architecture, built on the meta device."""
+def timm_on_meta(arch: str, model_args: dict) -> tuple[Any, int]:
+    """(the timm model without weights, its last-stage stride): shapes only, nothing allocated."""
     import timm
 
     try:
@@ -100,7 +100,12 @@ def _timm_shape(arch: str, model_args: dict) -> tuple[int, int]:
     except RuntimeError as exc:
         raise DxError(f"unknown timm model '{arch}': {exc}") from None
     info = getattr(net, "feature_info", None)
-    stride = info[-1]["reduction"] if info else 32
+    return net, info[-1]["reduction"] if info else 32
+
+
+def _timm_shape(arch: str, model_args: dict) -> tuple[int, int]:
+    """(last-stage width, last-stage stride) of a timm architecture."""
+    net, stride = timm_on_meta(arch, model_args)
     return net.num_features, stride
 
 
