@@ -183,11 +183,8 @@ def resume(state: PrpoState, log: MetricsLog) -> None:
 
 def save(state: PrpoState) -> Path:
     checkpoint(state)
-    out_dir = Path(state.job.run_dir) / "model"
-    saved_state.save_final_model(state.engine, state.bundle, out_dir, state.cfg.hardware.zero_stage, state.dist)
-    if state.dist.main:
-        print(f"[{state.cfg.prpo.algo}] saved {out_dir}", flush=True)
-    return out_dir
+    return saved_state.finish(state.engine, state.bundle, Path(state.job.run_dir), state.cfg.hardware.zero_stage,
+                              state.dist, state.cfg.prpo.algo)
 
 
 def run(job: PrpoJob) -> Path:

@@ -172,11 +172,8 @@ def resume(state: SftState, log: MetricsLog) -> None:
 def save(state: SftState) -> Path:
     """The final checkpoint (resumable) and the model folder (gathered under ZeRO-3)."""
     checkpoint(state)
-    out_dir = Path(state.job.run_dir) / "model"
-    saved_state.save_final_model(state.engine, state.bundle, out_dir, state.cfg.hardware.zero_stage, state.dist)
-    if state.dist.main:
-        print(f"[{state.job.stage}] saved {out_dir}", flush=True)
-    return out_dir
+    return saved_state.finish(state.engine, state.bundle, Path(state.job.run_dir), state.cfg.hardware.zero_stage,
+                              state.dist, state.job.stage)
 
 
 def run(job: SftJob) -> Path:

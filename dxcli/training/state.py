@@ -59,6 +59,15 @@ def save_final_model(engine, bundle, out_dir: Path, zero_stage: int, dist: Dist)
     barrier(dist)
 
 
+def finish(engine, bundle, run_dir: Path, zero_stage: int, dist: Dist, label: str) -> Path:
+    """RUN/model, the `save_pretrained` folder the next stage starts from; says where it is."""
+    out_dir = Path(run_dir) / "model"
+    save_final_model(engine, bundle, out_dir, zero_stage, dist)
+    if dist.main:
+        print(f"[{label}] saved {out_dir}", flush=True)
+    return out_dir
+
+
 INTERRUPTED_FILE = "interrupted.json"  # rank 0 leaves it when a signal stopped the run after a checkpoint
 
 
