@@ -15,6 +15,7 @@ from dxcli.base.errors import DxError, UsageError
 from dxcli.base.jsonio import write_jsonl_atomic
 from dxcli.data.records import default_reasoning, find_bad_images, load_records, records_from_tree
 from dxcli.model.checkpoint import build_model, resolve_model_path, save_checkpoint
+from dxcli.runtime.trackers import check_installed
 
 
 def open_run_dir(run_dir: Path, resolved: cfgmod.Resolved, *, resume: bool, force: bool) -> cfgmod.DxConfig:
@@ -29,8 +30,11 @@ def open_run_dir(run_dir: Path, resolved: cfgmod.Resolved, *, resume: bool, forc
         if not saved.is_file():
             raise DxError(f"--resume: {run_dir} holds no run (no config.yaml)")
         config = cfgmod.with_overrides(cfgmod.load(saved), resolved)
+        check_installed(config.train.report_to)
         cfgmod.save(config, saved)
         return config
+    # a tracker asked for but not installed stops here, before the run folder is touched
+    check_installed(resolved.config.train.report_to)
     if run_dir.exists() and any(run_dir.iterdir()):
         if not force:
             raise DxError(f"{run_dir} already exists and is not empty; pass --resume to continue that run "

@@ -190,8 +190,15 @@ def run(job: PrpoJob) -> Path:
     state = setup(job)
     if job.resume:
         resume(state)
+    with MetricsLog(Path(job.run_dir) / "metrics.jsonl", state.dist.main, state.cfg.train.report_to,
+                    cfgmod.to_dict(state.cfg)) as log:
+        train_loop(state, log)
+    return save(state)
+
+
+def train_loop(state: PrpoState, log: MetricsLog) -> None:
+    """Rollout + update steps up to `total_steps`: metrics every `log_every`, checkpoints every `save_every`."""
     p, train = state.cfg.prpo, state.cfg.train
-    log = MetricsLog(Path(job.run_dir) / "metrics.jsonl", state.dist.main)
     progress = ProgressView(state.total_steps, p.algo, state.dist.main, start=state.step)
     stop_after = env.stop_after_step()
     while state.step < state.total_steps:
@@ -205,4 +212,3 @@ def run(job: PrpoJob) -> Path:
             progress.close()
             raise SystemExit(f"[{p.algo}] stopped after step {state.step} ({env.STOP_AFTER_ENV})")
     progress.close()
-    return save(state)

@@ -180,8 +180,15 @@ def run(job: SftJob) -> Path:
     state = setup(job)
     if job.resume:
         resume(state)
-    train = state.cfg.train
-    log = MetricsLog(Path(job.run_dir) / "metrics.jsonl", state.dist.main)
+    with MetricsLog(Path(job.run_dir) / "metrics.jsonl", state.dist.main, state.cfg.train.report_to,
+                    cfgmod.to_dict(state.cfg)) as log:
+        train_loop(state, log)
+    return save(state)
+
+
+def train_loop(state: SftState, log: MetricsLog) -> None:
+    """Optimizer steps up to `total_steps`: metrics every `log_every`, checkpoints every `save_every`."""
+    job, train = state.job, state.cfg.train
     progress = ProgressView(state.total_steps, job.stage, state.dist.main, start=state.step)
     stop_after = env.stop_after_step()
     state.engine.train()
@@ -208,4 +215,3 @@ def run(job: SftJob) -> Path:
         else:
             state.epoch, state.micro_in_epoch = state.epoch + 1, 0
     progress.close()
-    return save(state)
