@@ -88,6 +88,9 @@ class TrainConfig:
     save_every_minutes: float = 10.0  # also checkpoint after this much training time; 0 = off
     keep_checkpoints: int = 2  # newest resumable checkpoints kept in RUN/checkpoints
     log_every: int = 1
+    # experiment trackers fed by the metrics sink beside metrics.jsonl (main rank only):
+    # "tensorboard" (RUN/tensorboard/) and/or "wandb" (RUN/wandb/, offline unless WANDB_MODE is set)
+    report_to: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -215,6 +218,8 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
         raise UsageError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin is list:
         (item,) = typing.get_args(kind)
+        if item is str and isinstance(value, str):  # --set train.report_to=tensorboard,wandb
+            value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, (list, tuple)):
             raise UsageError(f"{key}: expected a list, got {value!r}")
         return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
@@ -268,14 +273,16 @@ _CHOICES = {
     "labels": ("gt", "majority", "none"),
     "loss_agg": ("token_mean", "seq_mean"),
     "final_credit": ("paragraph", "verdict"),
+    "report_to": ("tensorboard", "wandb"),  # a list: each item is checked
 }
 
 
 def _validate_choices(section: Any, prefix: str = "") -> None:
     for name, allowed in _CHOICES.items():
         value = getattr(section, name, None)
-        if value is not None and hasattr(section, name) and value not in allowed:
-            raise UsageError(f"{prefix}{name}: must be one of {', '.join(allowed)}, got {value!r}")
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and item not in allowed:
+                raise UsageError(f"{prefix}{name}: must be one of {', '.join(allowed)}, got {item!r}")
 
 
 # Counts and sizes that only make sense in a range: (lowest allowed, whether that bound itself is

@@ -1,4 +1,4 @@
-"""`dx eval ...`: infer, score, report, rewards. One function per command; the work lives in the library."""
+"""`dx eval ...`: infer, score, report, rewards, robust. One function per command; the work lives in the library."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import typer
 from dxcli.cli.common import console, err_console
 from dxcli.cli.eval_infer import infer
 from dxcli.cli.eval_rewards import rewards
+from dxcli.cli.eval_robust import robust
 
 app = typer.Typer(help="Evaluate a model: answer questions, score answers, write a report.",
                   no_args_is_help=True)
@@ -95,3 +96,4 @@ def report(
 
 app.command("infer")(infer)
 app.command("rewards")(rewards)
+app.command("robust")(robust)

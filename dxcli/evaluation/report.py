@@ -158,3 +158,41 @@ def print_rewards(explained: list[dict[str, Any]], summary: Mapping[str, Any], c
     for key, value in summary.items():
         table.add_row(key, "-" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value)))
     console.print(table)
+
+
+
+ROBUST_METRICS = [("f1", "F1"), ("head_auc", "head AUC")]
+
+
+def robust_tables(scores: Mapping[str, Mapping[str, Any]], clean: str = "clean") -> list[Table]:
+    """`dx eval robust`: per metric (F1, head AUC), one row per perturbation (the clean images
+    first), one column per domain and overall; under each perturbed figure, its change from clean.
+    A table per metric keeps a five-domain result within a terminal's width."""
+    groups = sorted({g for res in scores.values() for g in res["domains"]})
+    base = scores.get(clean)
+    tables = []
+    for key, header in ROBUST_METRICS:
+        table = Table(title=f"{header} % (positive: fake), below: change vs {clean}", title_justify="left",
+                      box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+        table.add_column("images", no_wrap=True)
+        for group in [*groups, OVERALL]:
+            table.add_column(group, justify="right", style="bold" if group == OVERALL else None)
+        for name, res in scores.items():
+            cells = [_robust_cell(_group(res, group), None if base is None or name == clean else _group(base, group),
+                                  key) for group in [*groups, OVERALL]]
+            table.add_row(name, *cells, end_section=name == clean)
+        tables.append(table)
+    return tables
+
+
+def _group(result: Mapping[str, Any], group: str) -> Mapping[str, Any] | None:
+    return result["overall"] if group == OVERALL else result["domains"].get(group)
+
+
+def _robust_cell(metrics: Mapping[str, Any] | None, reference: Mapping[str, Any] | None, key: str) -> str:
+    text = _cell(metrics, key)
+    value = None if metrics is None else metrics.get(key)
+    before = None if reference is None else reference.get(key)
+    if value is None or before is None:
+        return text
+    return f"{text}\n[dim]{100 * (value - before):+.1f}[/]"

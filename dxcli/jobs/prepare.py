@@ -16,6 +16,7 @@ from dxcli.base.jsonio import write_jsonl_atomic
 from dxcli.data.records import default_reasoning, find_bad_images, load_records, records_from_tree
 from dxcli.model.checkpoint import build_model, resolve_model_path, save_checkpoint
 from dxcli.training.state import checkpoint_tags
+from dxcli.runtime.trackers import check_installed
 
 
 def open_run_dir(run_dir: Path, resolved: cfgmod.Resolved, *, resume: bool, force: bool) -> cfgmod.DxConfig:
@@ -35,10 +36,13 @@ def open_run_dir(run_dir: Path, resolved: cfgmod.Resolved, *, resume: bool, forc
             raise DxError(f"--resume: {run_dir} has no checkpoint yet (the run stopped before its first save); "
                           "run the same command without --resume to start it")
         config = cfgmod.with_overrides(cfgmod.load(saved), resolved)
+        check_installed(config.train.report_to)
         cfgmod.save(config, saved)
         return config
     if run_dir.is_file():
         raise DxError(f"--out {run_dir} is a file, not a folder")
+    # a tracker asked for but not installed stops here, before the run folder is touched
+    check_installed(resolved.config.train.report_to)
     if run_dir.exists() and any(run_dir.iterdir()):
         if has_progress(run_dir) and not force:
             raise DxError(f"{run_dir} holds a run with a checkpoint or model; pass --resume to continue it "

@@ -189,9 +189,16 @@ def save(state: PrpoState) -> Path:
 
 def run(job: PrpoJob) -> Path:
     state = setup(job)
-    log = MetricsLog(Path(job.run_dir) / "metrics.jsonl", state.dist.main)
-    if job.resume:
-        resume(state, log)
+    with MetricsLog(Path(job.run_dir) / "metrics.jsonl", state.dist.main, state.cfg.train.report_to,
+                    cfgmod.to_dict(state.cfg)) as log:
+        if job.resume:
+            resume(state, log)
+        train_loop(state, log)
+    return save(state)
+
+
+def train_loop(state: PrpoState, log: MetricsLog) -> None:
+    """Rollout + update steps up to `total_steps`: metrics every `log_every`, checkpoints when due."""
     p, train = state.cfg.prpo, state.cfg.train
     progress = ProgressView(state.total_steps, p.algo, state.dist.main, start=state.step)
     with StopRequest(state.dist, train.save_every_minutes) as stop:
@@ -201,8 +208,7 @@ def run(job: PrpoJob) -> Path:
                 log.write(row)
             progress.update(state.step, {k: row[k] for k in ("reward", "invalid_rate", "response_tokens", "kl")
                                          if k in row})
-            saved_state.checkpoint_or_stop(step=state.step, save_every=train.save_every, run_dir=Path(job.run_dir),
+            saved_state.checkpoint_or_stop(step=state.step, save_every=train.save_every, run_dir=Path(state.job.run_dir),
                                            label=p.algo, dist=state.dist, save=lambda: checkpoint(state),
                                            progress=progress, stop=stop)
     progress.close()
-    return save(state)

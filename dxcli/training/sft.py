@@ -178,9 +178,17 @@ def save(state: SftState) -> Path:
 
 def run(job: SftJob) -> Path:
     state = setup(job)
-    log = MetricsLog(Path(job.run_dir) / "metrics.jsonl", state.dist.main)
-    if job.resume:
-        resume(state, log)
+    with MetricsLog(Path(job.run_dir) / "metrics.jsonl", state.dist.main, state.cfg.train.report_to,
+                    cfgmod.to_dict(state.cfg)) as log:
+        if job.resume:
+            resume(state, log)
+        train_loop(state, log)
+    return save(state)
+
+
+def train_loop(state: SftState, log: MetricsLog) -> None:
+    """Optimizer steps up to `total_steps`: metrics every `log_every`, checkpoints when due."""
+    job = state.job
     progress = ProgressView(state.total_steps, job.stage, state.dist.main, start=state.step)
     state.engine.train()
     with StopRequest(state.dist, state.cfg.train.save_every_minutes) as stop:
@@ -194,7 +202,6 @@ def run(job: SftJob) -> Path:
             else:
                 state.epoch, state.micro_in_epoch = state.epoch + 1, 0
     progress.close()
-    return save(state)
 
 
 def after_step(state: SftState, log: MetricsLog, progress: ProgressView, stop: StopRequest) -> None:
