@@ -190,7 +190,7 @@ def _group(result: Mapping[str, Any], group: str) -> Mapping[str, Any] | None:
 
 
 def _robust_cell(metrics: Mapping[str, Any] | None, reference: Mapping[str, Any] | None, key: str) -> str:
-    text = _cell(metrics, key)
+    text = cell_text(metrics, key)
     value = None if metrics is None else metrics.get(key)
     before = None if reference is None else reference.get(key)
     if value is None or before is None:
