@@ -28,17 +28,13 @@ and the reasoning writer, and changes the images:
   (five colour, five grey used as RGB), read from the package folders, offline;
 - camera variations on every crop, real or fake: exposure and tone curve, sometimes defocus,
   sometimes signal-dependent sensor noise, sometimes JPEG compression (an 8-pixel grid in reals);
-- each fake is the crop plus `s` times its domain's trace (`s` in [0, 1], drawn per image from a
-  per-domain law skewed towards 0: some fakes are nearly invisible);
-- each domain mixes two generator families: one whose trace shares something with another
-  domain's (`gan`: two stacked stride-2 transposed convolutions, checkerboards of period 2 and
-  4 over quarter-resolution softness; `diffusion`: smoothing, light re-noising, 8- and 4-pixel
-  ripples; `banding`: the default dithered banding; `resample`: the default 4-pixel blocks) and
-  one whose trace is its own (`gan`: the default single period-2 checkerboard; `diffusion`: the
-  default heavy even re-noising; `banding`: undithered posterisation; `resample`: a 1.5x bicubic
-  upscale, period 3). Leave-one-domain-out SFT then detects mostly the held-out domain's
-  fakes of the first family, strong enough to show, and misses the rest (see
-  tests/bench/README.md, "Hard demo: leave-one-domain-out SFT").
+- each fake is the crop plus `s` times its domain's trace, `s` drawn per image from a
+  per-domain range (`HARD_STRENGTH`; down to 0.05-0.1, where a trace is hard to see);
+- traces that overlap in part: `gan` stacks two stride-2 transposed convolutions from quarter
+  resolution (checkerboards of period 2 and 4, some softness), `diffusion` smooths, re-noises
+  lightly and leaves 8- and 4-pixel ripples, `banding` and `resample` are the default ones
+  (`resample` at lower strengths). See tests/bench/README.md, "Hard demo: leave-one-domain-out
+  SFT", for what leave-one-domain-out SFT makes of it.
 """
 
 from __future__ import annotations
@@ -444,9 +440,7 @@ def render_hard(job: DemoJob, rng: np.random.Generator) -> np.ndarray:
     pixels = camera_variation(real_crop(job), rng)
     if job.label == "fake":
         strength = trace_strength(job.domain, rng)
-        shared, unique = HARD_PIPELINES[job.domain]
-        generator = shared if rng.random() < HARD_SHARED[job.domain] else unique
-        traced = generator(pixels, rng)
+        traced = HARD_PIPELINES[job.domain](pixels, rng)
         pixels = pixels + np.float32(strength) * (traced - pixels)
     return pixels
 
@@ -488,34 +482,9 @@ def hard_diffusion_decoder(pixels: np.ndarray, rng: np.random.Generator) -> np.n
     return smooth * _phase_gain(ripple, size) + noise.astype(np.float32)
 
 
-def hard_posterise(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A palette quantiser without smoothing or dither: flat colour steps, no periodic pattern."""
-    step = 255.0 / (int(rng.integers(7, 12)) - 1)
-    return np.round(pixels / step) * step
-
-
-def fractional_resample(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Made at two thirds of the resolution and upscaled 1.5x with a bicubic kernel: a mild
-    softness and interpolation weights that repeat every 3 pixels."""
-    size = pixels.shape[0]
-    low = _resize(pixels, size * 2 // 3, Image.BICUBIC)
-    out = _resize(low, size, Image.BICUBIC)
-    e = rng.uniform(0.05, 0.09)
-    return out * _phase_gain(np.array([1 + e, 1 - e / 2, 1 - e / 2]), size)
-
-
-# Each domain mixes two generator families: one whose trace shares something with another
-# domain's (a 4-pixel period, quarter-resolution softness, smoothing), which a detector trained
-# on the other domains partly picks up, and one whose trace is its own (a 2- or 3-pixel period,
-# heavy even noise, undithered posterisation). HARD_SHARED is the first family's share.
-HARD_PIPELINES: dict[str, tuple[Callable[[np.ndarray, np.random.Generator], np.ndarray],
-                                Callable[[np.ndarray, np.random.Generator], np.ndarray]]] = {
-    "gan": (hard_gan_upsampler, gan_upsampler),
-    "diffusion": (hard_diffusion_decoder, diffusion_decoder),
-    "banding": (colour_banding, hard_posterise),
-    "resample": (nearest_resample, fractional_resample),
-}
-HARD_SHARED = {"gan": 0.6, "diffusion": 0.6, "banding": 0.6, "resample": 0.6}
+# gan and diffusion get their hard variants; banding and resample keep the default traces.
+HARD_PIPELINES: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+    **PIPELINES, "gan": hard_gan_upsampler, "diffusion": hard_diffusion_decoder}
 
 
 # ---------------------------------------------------------------------------------------------

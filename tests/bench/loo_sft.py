@@ -108,6 +108,8 @@ def summarise(answers: Path, held_out: str) -> dict:
         for key, name in (("f1", "f1"), ("acc", "accuracy"), ("invalid", "invalid_rate"), ("auc", "head_auc")):
             out[f"{side}_{key}"] = metrics.get(name)
     out["per_domain_f1"] = {d: m.get("f1") for d, m in score_rows(rows)["domains"].items()}
+    # an SFT run whose vision never learned answers one verdict for every image
+    out["collapsed"] = len({row["predict"] for row in rows}) == 1
     return out
 
 
@@ -130,15 +132,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"in-domain F1 {_fmt(result['in_domain_f1'])}  ({result['train_s']} s training)", flush=True)
     print()
     print(f"{'method':8s} {'seed':>4s} {'held-out':10s} {'F1 held-out':>11s} {'F1 in-domain':>12s} "
-          f"{'acc held-out':>12s} {'invalid':>7s}")
+          f"{'acc held-out':>12s} {'invalid':>7s} {'head AUC in':>11s}")
     for row in rows:
         print(f"{'SFT':8s} {row['seed']:>4d} {row['held_out']:10s} {_fmt(row['held_out_f1']):>11s} "
-              f"{_fmt(row['in_domain_f1']):>12s} {_fmt(row['held_out_acc']):>12s} {_fmt(row['held_out_invalid']):>7s}")
-    held = [r["held_out_f1"] for r in rows if r["held_out_f1"] is not None]
-    inside = [r["in_domain_f1"] for r in rows if r["in_domain_f1"] is not None]
+              f"{_fmt(row['in_domain_f1']):>12s} {_fmt(row['held_out_acc']):>12s} {_fmt(row['held_out_invalid']):>7s} "
+              f"{_fmt(row['in_domain_auc']):>11s}{'  collapsed: one verdict for every image' if row['collapsed'] else ''}")
+    learned = [r for r in rows if not r["collapsed"]]
+    held = [r["held_out_f1"] for r in learned if r["held_out_f1"] is not None]
+    inside = [r["in_domain_f1"] for r in learned if r["in_domain_f1"] is not None]
     if held:
         print(f"{'SFT':8s} {'mean':>4s} {'':10s} {_fmt(sum(held) / len(held)):>11s} "
-              f"{_fmt(sum(inside) / len(inside)):>12s}")
+              f"{_fmt(sum(inside) / len(inside)):>12s}   (over {len(learned)} of {len(rows)} runs: "
+              "collapsed ones left out)")
     print(json.dumps({"work": str(work), "difficulty": "easy" if args.easy else "hard",
                       "rows": [{k: v for k, v in r.items() if k != "score"} for r in rows]}))
     return 0
