@@ -20,11 +20,27 @@ detail, brightness), in the evidence vocabulary of the PRPO lexicon (METHOD.md Â
 
 This is a pipeline check, not a deepfake benchmark: the traces are deliberately plain, so that a
 tiny randomly initialised CNN separates real from fake after a few seconds of CPU training.
+
+The hard setting (`hard=True`, `dx dataset demo --hard`) keeps the tree layout, the domain names
+and the reasoning writer, and changes the images:
+
+- crops of twelve photographs: scikit-learn's two and ten that scikit-image ships in its wheel
+  (five colour, five grey used as RGB), read from the package folders, offline;
+- camera variations on every crop, real or fake: exposure and tone curve, sometimes defocus,
+  sometimes signal-dependent sensor noise, sometimes JPEG compression (an 8-pixel grid in reals);
+- each fake is the crop plus `s` times its domain's trace, `s` drawn per image from a
+  per-domain range (`HARD_STRENGTH`; down to 0.05-0.1, where a trace is hard to see);
+- traces that overlap in part: `gan` stacks two stride-2 transposed convolutions from quarter
+  resolution (checkerboards of period 2 and 4, some softness), `diffusion` smooths, re-noises
+  lightly and leaves 8- and 4-pixel ripples, `banding` and `resample` are the default ones
+  (`resample` at lower strengths). See tests/bench/README.md, "Hard demo: leave-one-domain-out
+  SFT", for what leave-one-domain-out SFT makes of it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import shutil
 import time
@@ -64,6 +80,7 @@ class DemoJob:
     flip: bool
     size: int
     seed: int
+    hard: bool = False  # the hard setting's photos, camera variations and graded traces
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,12 +98,15 @@ def make_demo(
     progress: Callable[[int, int], None] | None = None,
     overwrite: bool = False,
     workers: int | None = None,
+    hard: bool = False,
 ) -> dict:
     """Write the demo tree and `OUT/reasoning.jsonl`; return a summary.
 
     `n_*` count images per domain (half real, half fake). A non-empty OUT is refused unless
     `overwrite`, which first removes the demo's own domain folders (nothing else). The same seed
     gives byte-identical files, whatever the number of `workers` (default: all cores).
+    `hard` makes the harder setting (see `HARD_PHOTOS` and `render_hard`); the default output
+    does not change with it.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -95,7 +115,7 @@ def make_demo(
     if overwrite:
         for domain in DOMAINS:
             shutil.rmtree(out / domain, ignore_errors=True)
-    jobs = plan_jobs(seed=seed, counts_per_split=counts_per_split, size=size)
+    jobs = plan_jobs(seed=seed, counts_per_split=counts_per_split, size=size, hard=hard)
     for folder in sorted({str(Path(job.rel).parent) for job in jobs}):
         (out / folder).mkdir(parents=True, exist_ok=True)
 
@@ -109,6 +129,8 @@ def make_demo(
         "out": str(out),
         "seed": seed,
         "size": size,
+        "difficulty": "hard" if hard else "default",
+        "photos": len({job.photo for job in jobs}),
         "domains": list(DOMAINS),
         "counts": counts,
         "images": len(jobs),
@@ -162,19 +184,21 @@ def _run_jobs(jobs: list[DemoJob], out: Path, progress: Callable[[int, int], Non
 # does not depend on how the rendering is scheduled.
 
 
-def plan_jobs(*, seed: int, counts_per_split: dict[str, int], size: int) -> list[DemoJob]:
+def plan_jobs(*, seed: int, counts_per_split: dict[str, int], size: int, hard: bool = False
+              ) -> list[DemoJob]:
     rng = np.random.default_rng(seed)
     used: set[tuple] = set()
     jobs = []
+    draw = _draw_hard_crop if hard else _draw_crop
     for domain in DOMAINS:
         for split in SPLITS:
             per_label = counts_per_split[split] // 2
             for label in LABELS:
                 for index in range(per_label):
-                    photo, box, flip = _draw_crop(rng, size, used)
+                    photo, box, flip = draw(rng, size, used)
                     name = f"{domain}-{split}-{label}-{index:04d}.png"
                     jobs.append(DemoJob(domain, split, label, f"{domain}/{split}/{label}/{name}",
-                                        photo, box, flip, size, int(rng.integers(2**62))))
+                                        photo, box, flip, size, int(rng.integers(2**62)), hard))
     return jobs
 
 
@@ -201,7 +225,10 @@ def _draw_crop(rng: np.random.Generator, size: int, used: set[tuple]
 @lru_cache(maxsize=None)
 def _photo(name: str) -> Image.Image:
     """One of scikit-learn's sample photographs, read from its package folder (importing
-    sklearn itself costs each worker over a second)."""
+    sklearn itself costs each worker over a second); `skimage/<file>` names one of
+    scikit-image's (hard setting)."""
+    if name.startswith(_SKIMAGE):
+        return _skimage_photo(name[len(_SKIMAGE):])
     spec = importlib.util.find_spec("sklearn")
     if spec is None or not spec.submodule_search_locations:
         raise DxError("the demo data needs scikit-learn's sample photographs: "
@@ -228,9 +255,12 @@ def real_crop(job: DemoJob) -> np.ndarray:
 def render_job(job: DemoJob, out: Path) -> tuple[str, int, str]:
     """Make, save and describe one image. Returns (rel, bytes written, reasoning text)."""
     rng = np.random.default_rng(job.seed)
-    pixels = real_crop(job)
-    if job.label == "fake":
-        pixels = PIPELINES[job.domain](pixels, rng)
+    if job.hard:
+        pixels = render_hard(job, rng)
+    else:
+        pixels = real_crop(job)
+        if job.label == "fake":
+            pixels = PIPELINES[job.domain](pixels, rng)
     image = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
     path = Path(out) / job.rel
     Image.fromarray(image).save(path, format="PNG", compress_level=6)
@@ -315,6 +345,147 @@ PIPELINES: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = 
     "banding": colour_banding,
     "resample": nearest_resample,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# The hard setting (`dx dataset demo --hard`): more photographs, camera variations on every crop,
+# and each domain's trace blended in at a strength drawn per image, so that some fakes are nearly
+# invisible and what one domain's detector learns only partly carries over to another's.
+
+_SKIMAGE = "skimage/"
+# scikit-image's photographs that ship inside its wheel (skimage/data/), read without pooch or
+# the network; the grey ones are used as RGB.
+HARD_PHOTOS = PHOTOS + tuple(_SKIMAGE + name for name in (
+    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+    "camera.png", "grass.png", "gravel.png", "brick.png", "coins.png"))
+
+
+def _skimage_photo(name: str) -> Image.Image:
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        raise DxError("the hard demo data needs scikit-image's sample photographs: "
+                      "pip install scikit-image")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / name
+    if not path.is_file():
+        raise DxError(f"{path}: missing from the scikit-image install (reinstall scikit-image)")
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+@lru_cache(maxsize=None)
+def _photo_size(name: str) -> tuple[int, int]:
+    return _photo(name).size
+
+
+def _draw_hard_crop(rng: np.random.Generator, size: int, used: set[tuple]
+                    ) -> tuple[str, tuple[int, int, int], bool]:
+    """As `_draw_crop`, over `HARD_PHOTOS` and each photograph's own size."""
+    low = max(_MIN_CROP, int(np.ceil(size * 4 / 3)))
+    while True:
+        photo = HARD_PHOTOS[int(rng.integers(len(HARD_PHOTOS)))]
+        width, height = _photo_size(photo)
+        side = int(round(np.exp(rng.uniform(np.log(low), np.log(min(width, height))))))
+        left = int(rng.integers(0, width - side + 1))
+        top = int(rng.integers(0, height - side + 1))
+        flip = bool(rng.integers(2))
+        key = (photo, left, top, side, flip)
+        if key not in used:
+            used.add(key)
+            return photo, (left, top, side), flip
+
+
+HARD_DEFOCUS, HARD_SENSOR_NOISE, HARD_JPEG = 0.35, 0.5, 0.25  # share of crops with each
+
+
+def camera_variation(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """What differs between real photographs besides their scene: exposure and tone curve,
+    sometimes defocus, sometimes sensor noise (stronger in bright areas), sometimes JPEG
+    compression. Applied to every crop, real or fake, before any generator trace."""
+    gain, gamma = rng.uniform(0.85, 1.15), rng.uniform(0.85, 1.2)
+    out = 255.0 * np.clip(pixels / 255.0, 0, 1) ** gamma * gain
+    if rng.random() < HARD_DEFOCUS:
+        sigma = rng.uniform(0.4, 1.2)
+        out = ndimage.gaussian_filter(out, sigma=(sigma, sigma, 0))
+    if rng.random() < HARD_SENSOR_NOISE:
+        level = rng.uniform(0.8, 3.5)
+        scale = level * np.sqrt(np.clip(out, 0, 255) / 128.0 + 0.25)
+        out = out + scale * (rng.normal(0, 1, out.shape[:2] + (1,)) * 0.7
+                             + rng.normal(0, 0.5, out.shape))
+    if rng.random() < HARD_JPEG:
+        quality = int(rng.integers(85, 96))
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8)).save(
+            buffer, format="JPEG", quality=quality)
+        with Image.open(buffer) as decoded:
+            out = np.asarray(decoded.convert("RGB"), dtype=np.float32)
+    return out.astype(np.float32)
+
+# Per domain: (lowest, highest) trace strength; a fake is blended as crop + s * (trace - crop)
+# with s = low + (high - low) * u ** shape, u uniform: a share of each domain's fakes sit near
+# `low`, where the trace is hard to see.
+HARD_STRENGTH: dict[str, tuple[float, float, float]] = {
+    "gan": (0.1, 1.0, 1.0),
+    "diffusion": (0.1, 1.0, 1.0),
+    "banding": (0.1, 1.0, 1.0),
+    "resample": (0.05, 0.75, 1.3),
+}
+
+
+def trace_strength(domain: str, rng: np.random.Generator) -> float:
+    low, high, shape = HARD_STRENGTH[domain]
+    return float(low + (high - low) * rng.random() ** shape)
+
+
+def render_hard(job: DemoJob, rng: np.random.Generator) -> np.ndarray:
+    """The hard setting's pixels for one job (float32 HxWx3)."""
+    pixels = camera_variation(real_crop(job), rng)
+    if job.label == "fake":
+        strength = trace_strength(job.domain, rng)
+        traced = HARD_PIPELINES[job.domain](pixels, rng)
+        pixels = pixels + np.float32(strength) * (traced - pixels)
+    return pixels
+
+
+def _deconv2x(low: np.ndarray, d: float, bias: float) -> np.ndarray:
+    """One stride-2 transposed convolution with phase gains 1 +/- d and an alternating bias
+    (as in `gan_upsampler`): `low` at half the output side in, the output out."""
+    size = low.shape[0] * 2
+    taps = np.array([0.25, 0.75, 0.75, 0.25]) * (1 + d * np.array([1, -1, 1, -1]))
+    upsampled = np.zeros((size, size, 3), np.float32)
+    upsampled[::2, ::2] = low
+    kernel = np.outer(taps, taps)
+    out = np.stack([ndimage.convolve(upsampled[..., c], kernel, mode="mirror")
+                    for c in range(3)], axis=-1)
+    return out + bias * _phase_gain(np.array([1.0, -1.0]), size)
+
+
+def hard_gan_upsampler(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Two stacked stride-2 transposed convolutions from quarter resolution, as GAN generators
+    stack them: the inner one's checkerboard repeats every 4 output pixels, the outer one's
+    every 2; weaker phase gains than the default demo's."""
+    size = pixels.shape[0]
+    low = _resize(pixels, size // 4)
+    half = _deconv2x(low, rng.uniform(0.06, 0.12), rng.uniform(1.0, 3.0))
+    return _deconv2x(half, rng.uniform(0.04, 0.08), rng.uniform(1.0, 2.5))
+
+
+def hard_diffusion_decoder(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`diffusion_decoder` with lighter re-noising (the smoothing shows through the noise) and
+    the decoder's last 2x stage leaving a weaker 4-pixel ripple beside the 8-pixel one."""
+    size = pixels.shape[0]
+    sigma = rng.uniform(1.2, 2.0)
+    smooth = ndimage.gaussian_filter(pixels, sigma=(sigma, sigma, 0))
+    amplitude = rng.uniform(0.05, 0.08)
+    phase = np.arange(8) + 0.5
+    ripple = 1 + amplitude * (np.cos(2 * np.pi * phase / 8) + 0.5 * np.cos(2 * np.pi * phase / 4))
+    level = rng.uniform(1.5, 3.5)
+    noise = rng.normal(0.0, level, (size, size, 1)) + rng.normal(0.0, level * 0.35, pixels.shape)
+    return smooth * _phase_gain(ripple, size) + noise.astype(np.float32)
+
+
+# gan and diffusion get their hard variants; banding and resample keep the default traces.
+HARD_PIPELINES: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+    **PIPELINES, "gan": hard_gan_upsampler, "diffusion": hard_diffusion_decoder}
 
 
 # ---------------------------------------------------------------------------------------------
