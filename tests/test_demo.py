@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 
 from dxcli.base.answer import parse_answer
-from dxcli.data import demo
-from dxcli.data.demo import DOMAINS, PIPELINES, make_demo, measure
+from dxcli.data import demo, demo_reasoning, demo_render
+from dxcli.data.demo import make_demo
+from dxcli.data.demo_reasoning import measure
+from dxcli.data.demo_render import DOMAINS, PIPELINES
 from dxcli.base.errors import UsageError
 
 SMALL = {"n_train": 40, "n_val": 8, "n_test": 16}
@@ -139,26 +141,26 @@ def test_fake_texts_name_the_trace_measured_on_their_image(small_demo):
             named = [w for words in TRACE_WORDS.values() for w in words if w in text]
             assert named in ([], ["banding"]), text  # real texts say "free of banding" at most
             assert "banding" not in text or "free of banding" in text
-            assert traces.checker < demo.CHECKER and traces.level_fill > demo.BANDED_FILL
+            assert traces.checker < demo_reasoning.CHECKER and traces.level_fill > demo_reasoning.BANDED_FILL
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_each_pipeline_leaves_its_own_trace(domain):
     """The same crop, before and after a domain's generator: only its trace crosses a threshold."""
     job = demo.plan_jobs(seed=3, counts_per_split={"train": 2, "val": 2, "test": 2}, size=96)[0]
-    real = measure(np.clip(np.rint(demo.real_crop(job)), 0, 255).astype(np.uint8))
-    fake_pixels = PIPELINES[domain](demo.real_crop(job), np.random.default_rng(0))
+    real = measure(np.clip(np.rint(demo_render.real_crop(job)), 0, 255).astype(np.uint8))
+    fake_pixels = PIPELINES[domain](demo_render.real_crop(job), np.random.default_rng(0))
     fake = measure(np.clip(np.rint(fake_pixels), 0, 255).astype(np.uint8))
     crossed = {
-        "gan": fake.checker > demo.CHECKER,
-        "diffusion": fake.grid8 > demo.GRID8 and fake.noise_evenness > demo.EVEN_NOISE,
-        "banding": fake.level_fill < demo.BANDED_FILL,
-        "resample": fake.grid4 > demo.GRID4 and fake.blockiness > demo.BLOCKY,
+        "gan": fake.checker > demo_reasoning.CHECKER,
+        "diffusion": fake.grid8 > demo_reasoning.GRID8 and fake.noise_evenness > demo_reasoning.EVEN_NOISE,
+        "banding": fake.level_fill < demo_reasoning.BANDED_FILL,
+        "resample": fake.grid4 > demo_reasoning.GRID4 and fake.blockiness > demo_reasoning.BLOCKY,
     }
     assert crossed[domain], fake
     assert [d for d, hit in crossed.items() if hit] == [domain], fake
-    assert real.checker < demo.CHECKER and real.level_fill > demo.BANDED_FILL
-    assert real.blockiness < demo.BLOCKY
+    assert real.checker < demo_reasoning.CHECKER and real.level_fill > demo_reasoning.BANDED_FILL
+    assert real.blockiness < demo_reasoning.BLOCKY
 
 
 @pytest.mark.parametrize("bad", [

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dxcli.answer import parse_answer
-from dxcli.data import demo
-from dxcli.data.demo import DOMAINS, make_demo
+from dxcli.base.answer import parse_answer
+from dxcli.data import demo, demo_render
+from dxcli.data.demo import make_demo
+from dxcli.data.demo_render import DOMAINS
 
 SMALL = {"n_train": 8, "n_val": 4, "n_test": 4}
 SPLIT_SIZES = {"train": 8, "val": 4, "test": 4}
@@ -54,11 +55,11 @@ def test_more_distinct_source_photographs_than_the_default():
     counts = {"train": 40, "val": 8, "test": 16}
     default = {job.photo for job in demo.plan_jobs(seed=0, counts_per_split=counts, size=96)}
     hard = {job.photo for job in demo.plan_jobs(seed=0, counts_per_split=counts, size=96, hard=True)}
-    assert default <= set(demo.PHOTOS)
+    assert default <= set(demo_render.PHOTOS)
     assert len(hard) > len(default) and len(hard) >= 8
     assert any(photo.startswith("skimage/") for photo in hard)
-    for photo in demo.HARD_PHOTOS:  # every one loads offline, from the installed wheels
-        width, height = demo._photo_size(photo)
+    for photo in demo_render.HARD_PHOTOS:  # every one loads offline, from the installed wheels
+        width, height = demo_render._photo_size(photo)
         assert min(width, height) >= 128
 
 
@@ -101,7 +102,7 @@ def test_reasoning_agrees_with_every_label(hard_demo):
 def test_trace_strength_is_graded_per_image():
     rng = np.random.default_rng(0)
     for domain in DOMAINS:
-        low, high, _ = demo.HARD_STRENGTH[domain]
-        strengths = [demo.trace_strength(domain, rng) for _ in range(400)]
+        low, high, _ = demo_render.HARD_STRENGTH[domain]
+        strengths = [demo_render.trace_strength(domain, rng) for _ in range(400)]
         assert low <= min(strengths) < low + 0.1 and high - 0.1 < max(strengths) <= high
         assert sum(s < low + 0.15 for s in strengths) >= 20  # some fakes are nearly invisible
