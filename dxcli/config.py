@@ -125,6 +125,9 @@ class PrpoConfig:
     clip: str | None = None  # CLIPModel folder or hub id for VCR; None -> VCR off
     lexicon: str | None = None  # PCR evidence lexicon YAML; None -> dxcli/rl/lexicon.yaml
     adv_eps: float = 1e-4
+    # append each rank's rollouts ({"step", "rank", "image", "texts"}: the G responses per image) to
+    # RUN/rollouts-rank{r}.jsonl, to read what the policy wrote; off by default (it grows every step)
+    save_rollouts: bool = False
 
 
 @dataclass

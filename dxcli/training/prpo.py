@@ -19,6 +19,7 @@ import torch
 
 from dxcli import config as cfgmod
 from dxcli.base.images import load_rgb
+from dxcli.base.jsonio import dumps_line
 from dxcli.data.records import load_records
 from dxcli.model.checkpoint import load_checkpoint
 from dxcli.rl.objective import policy_loss
@@ -122,9 +123,12 @@ def train_step(state: PrpoState, batch: list) -> dict[str, Any]:
     # rollout: G samples per image from the current weights, with rewards and token advantages
     images = [load_rgb(Path(state.job.images) / r.image) for r in batch]
     labels = [("fake" if r.binary_label else "real") if r.binary_label is not None else None for r in batch]
-    roll = rollout(state.bundle, images, [r.question for r in batch], labels, cfg=p, clip=state.clip,
-                   lexicon=state.lexicon, seed=state.cfg.train.seed * 100_003 + state.step * state.dist.world
-                   + state.dist.rank)
+    with ds.weights_for_generation(engine):  # ZeRO-3: gathered once for the whole rollout
+        roll = rollout(state.bundle, images, [r.question for r in batch], labels, cfg=p, clip=state.clip,
+                       lexicon=state.lexicon, seed=state.cfg.train.seed * 100_003 + state.step * state.dist.world
+                       + state.dist.rank)
+    if p.save_rollouts:
+        save_rollouts(state, batch, roll)
     # update: the clipped surrogate over every sequence, in micro-batches
     engine.train()
     sums = update(state, roll)
@@ -132,6 +136,17 @@ def train_step(state: PrpoState, batch: list) -> dict[str, Any]:
     order_len = max(len(state.sampler.shard(state.epoch)), 1)
     return {"step": state.step, "epoch": state.epoch + state.position / order_len, **roll.stats, **sums,
             "lr": state.scheduler.get_last_lr()[0], "seconds": time.time() - started}
+
+
+def save_rollouts(state: PrpoState, batch: list, roll: Rollout) -> None:
+    """Append this step's responses, one line per image, to RUN/rollouts-rank{r}.jsonl (each rank its
+    own file: no locking across processes). `step` is the step these rollouts train, as in metrics."""
+    G = state.cfg.prpo.group_size
+    path = Path(state.job.run_dir) / f"rollouts-rank{state.dist.rank}.jsonl"
+    with path.open("a", encoding="utf-8") as fh:
+        for i, record in enumerate(batch):
+            fh.write(dumps_line({"step": state.step + 1, "rank": state.dist.rank, "image": record.image,
+                                 "texts": roll.texts[i * G:(i + 1) * G]}))
 
 
 def update(state: PrpoState, roll: Rollout) -> dict[str, float]:
