@@ -189,3 +189,30 @@ def test_shapes_must_describe_the_configured_tower():
         memory.model_shapes(config.resolve("h100x2", ["model.image_size=384"]).config.model)
     with pytest.raises(UsageError, match="dx-llava-7b"):
         memory.model_shapes(config.resolve("h100x2", ["model.shapes=nope"]).config.model)
+
+
+def test_train_refuses_a_plan_that_does_not_fit_before_loading_anything(tmp_path, monkeypatch):
+    from dxcli.jobs import prepare, stages
+
+    def loads(*args, **kwargs):
+        raise AssertionError("a model was loaded or a worker launched before the memory check")
+
+    monkeypatch.setattr(stages, "launch", loads)
+    monkeypatch.setattr(prepare, "build_model", loads)
+    out = tmp_path / "run"
+    # --data and --model do not exist: the check must come first, before any input is read
+    result = runner.invoke(app, ["train", "prpo", "--profile", "h100x2", "--set", "hardware.offload_optimizer=false",
+                                 "--model", str(tmp_path / "instruct"),
+                                 "--data", str(tmp_path / "data"), "--out", str(out)], terminal_width=400)
+    assert result.exit_code == 1, result.output
+    message = result.output.strip().splitlines()[-1]
+    assert "prpo needs" in message and "--set " in message and "skip_memory_check" in message
+    assert not out.exists()  # nothing to --force away on the next try
+    result = runner.invoke(app, ["train", "instruct", "--profile", "h100x2", "--set", "hardware.gpu_memory_gb=20",
+                                 "--data", str(tmp_path / "data"), "--out", str(out)], terminal_width=400)
+    assert result.exit_code == 1 and "instruct needs" in result.output and not out.exists()
+    # overridden: the same command goes on to read its inputs (and stops there, on the missing --data)
+    result = runner.invoke(app, ["train", "instruct", "--profile", "h100x2", "--set", "hardware.gpu_memory_gb=20",
+                                 "--set", "hardware.skip_memory_check=true", "--data", str(tmp_path / "data"),
+                                 "--out", str(out)], terminal_width=400)
+    assert result.exit_code == 1 and "no such file or folder" in result.output

@@ -17,11 +17,14 @@ from dxcli.data.records import default_reasoning, find_bad_images, load_records,
 from dxcli.model.checkpoint import build_model, resolve_model_path, save_checkpoint
 
 
-def open_run_dir(run_dir: Path, resolved: cfgmod.Resolved, *, resume: bool, force: bool) -> cfgmod.DxConfig:
+def open_run_dir(run_dir: Path, resolved: cfgmod.Resolved, *, resume: bool, force: bool,
+                 check: Callable[[cfgmod.DxConfig], None] | None = None) -> cfgmod.DxConfig:
     """Create (or, with resume, reopen) RUN_DIR and write its resolved config.yaml.
 
     An existing run is never overwritten silently: it needs --resume (continue) or --force (start over).
     On --resume the run's own config is used; --set / flags given again are applied on top.
+    `check` sees the final config before anything is written or deleted (the memory check): a
+    refused run leaves no folder behind that would need --force.
     """
     run_dir = Path(run_dir)
     saved = run_dir / "config.yaml"
@@ -29,12 +32,16 @@ def open_run_dir(run_dir: Path, resolved: cfgmod.Resolved, *, resume: bool, forc
         if not saved.is_file():
             raise DxError(f"--resume: {run_dir} holds no run (no config.yaml)")
         config = cfgmod.with_overrides(cfgmod.load(saved), resolved)
+        if check:
+            check(config)
         cfgmod.save(config, saved)
         return config
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not force:
-            raise DxError(f"{run_dir} already exists and is not empty; pass --resume to continue that run "
-                          f"or --force to start it over")
+    if run_dir.exists() and any(run_dir.iterdir()) and not force:
+        raise DxError(f"{run_dir} already exists and is not empty; pass --resume to continue that run "
+                      f"or --force to start it over")
+    if check:
+        check(resolved.config)
+    if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfgmod.save(resolved.config, saved)
