@@ -374,6 +374,8 @@ def param_summary(model: DxLlavaForConditionalGeneration) -> str:
     """One line: parameters per part, with how many train."""
     parts = []
     for part, params in model.parts().items():
+        if not params:  # no adapters without LoRA
+            continue
         unique = {id(p): p for p in params}.values()  # tied weights count once
         total = sum(p.numel() for p in unique)
         trainable = sum(p.numel() for p in unique if p.requires_grad)

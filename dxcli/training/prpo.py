@@ -22,6 +22,7 @@ from dxcli.base.images import load_rgb
 from dxcli.base.jsonio import dumps_line
 from dxcli.data.records import load_records
 from dxcli.model.checkpoint import load_checkpoint
+from dxcli.model.lora import apply_lora
 from dxcli.rl.objective import policy_loss
 from dxcli.rl.rewards import ClipScorer, load_lexicon
 from dxcli.runtime import env
@@ -52,7 +53,7 @@ class PrpoState:
     bundle: Any
     engine: Any
     scheduler: Any
-    reference: Any  # frozen copy of the start for the KL term; None when beta == 0
+    reference: Any  # frozen copy of the start for the KL term; None when beta == 0 or with LoRA
     clip: Any  # ClipScorer for VCR; None when off
     lexicon: Any
     records: list
@@ -72,11 +73,14 @@ def setup(job: PrpoJob) -> PrpoState:
     env.set_threads(hw.threads)
     # the policy: only the LLM learns
     bundle = load_checkpoint(job.model)
+    lora = cfg.model.lora.rank_for("prpo") > 0
+    if lora:
+        bundle.model = apply_lora(bundle.model, cfg.model.lora)
     bundle.model.freeze(vision=True, llm=False, projector=True, head=True)  # True = frozen
     if cfg.train.grad_checkpointing:
         bundle.model.gradient_checkpointing_enable()
     reference = None
-    if p.beta > 0:  # only then is a reference model needed
+    if p.beta > 0 and not lora:  # with LoRA the reference is the policy, adapters off: no copy
         reference = load_checkpoint(job.model, dtype=env.torch_dtype(hw.precision)).model.to(dist.device).eval()
         reference.requires_grad_(False)
     clip = ClipScorer.load(p.clip, dist.device) if (p.algo == "prpo" and p.clip) else None
@@ -98,8 +102,10 @@ def setup(job: PrpoJob) -> PrpoState:
     engine, scheduler = ds.initialize(bundle.model, ds_config, total_steps, cfg.train.warmup_ratio)
     bundle.model = engine.module
     if dist.main:
+        tuning = f"LoRA r={cfg.model.lora.r}" + (" (reference: adapters off)" if p.beta > 0 else "") if lora else "full"
         print(f"[{p.algo}] labels={p.labels} G={p.group_size} images/step/rank={p.images_per_step} "
-              f"VCR={'on' if clip else 'off'} beta={p.beta}; {len(records)} prompts; {total_steps} steps", flush=True)
+              f"VCR={'on' if clip else 'off'} beta={p.beta} {tuning}; {len(records)} prompts; {total_steps} steps",
+              flush=True)
     return PrpoState(job, cfg, dist, bundle, engine, scheduler, reference, clip,
                      load_lexicon(Path(p.lexicon) if p.lexicon else None), records, sampler, total_steps, chunks)
 
@@ -149,6 +155,19 @@ def save_rollouts(state: PrpoState, batch: list, roll: Rollout) -> None:
                                  "texts": roll.texts[i * G:(i + 1) * G]}))
 
 
+def reference_logprobs(state: PrpoState, roll: Rollout, rows: slice) -> Any:
+    """pi_ref's log-probs for the KL term (METHOD.md §13); None when beta == 0. The reference is the
+    frozen copy of the start or, with LoRA, the policy with its adapters disabled: its own weights
+    never train, so it is the start exactly."""
+    if state.cfg.prpo.beta <= 0:
+        return None
+    with torch.no_grad():
+        if state.reference is not None:
+            return completion_logprobs(state.reference, roll, rows, state.engine.device)[0]
+        with state.engine.module.disable_adapter():
+            return completion_logprobs(state.engine, roll, rows, state.engine.device)[0]
+
+
 def update(state: PrpoState, roll: Rollout) -> dict[str, float]:
     """One optimizer step over the rollout's sequences, accumulated over `state.chunks` micro-batches."""
     p, engine = state.cfg.prpo, state.engine
@@ -158,12 +177,9 @@ def update(state: PrpoState, roll: Rollout) -> dict[str, float]:
     sums = {"kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "loss": 0.0}
     for c in range(state.chunks):
         rows = slice(c * per_chunk, (c + 1) * per_chunk)
+        ref_logp = reference_logprobs(state, roll, rows)  # first: no policy graph is alive during it
         logp, entropy = completion_logprobs(engine, roll, rows, engine.device)
         mask = roll.completion_mask[rows].to(engine.device).float()
-        ref_logp = None
-        if state.reference is not None:
-            with torch.no_grad():
-                ref_logp, _ = completion_logprobs(state.reference, roll, rows, engine.device)
         loss, info = policy_loss(logp, logp.detach(), roll.advantages[rows].to(engine.device), mask,
                                  eps_low=p.eps_low, eps_high=p.eps_high, beta=p.beta, ref_logp=ref_logp,
                                  agg=p.loss_agg)
