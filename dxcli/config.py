@@ -38,6 +38,25 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on the LLM only (dxcli.model.lora); PRPO's KL reference is then the policy
+    with adapters off. No QLoRA: bitsandbytes' 4-bit CPU path failed in no-grad forwards (README)."""
+
+    r: int = 0  # adapter rank; 0 = off (full fine-tuning of the LLM)
+    alpha: float = 16.0  # scaling = alpha / r
+    dropout: float = 0.05
+    # Llama's attention and MLP projections (every linear layer of a decoder block)
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+    # the stages that use LoRA when r > 0 (a profile may keep instruct full and make only PRPO LoRA)
+    stages: list[str] = field(default_factory=lambda: ["instruct", "prpo"])
+
+    def rank_for(self, stage: str) -> int:
+        """The adapter rank `stage` trains with; 0 = full fine-tuning (align never adapts the LLM)."""
+        return self.r if stage in self.stages else 0
+
+
+@dataclass
 class ModelConfig:
     path: str | None = None  # a dx checkpoint folder; wins over everything below
     preset: str = "compose"  # "compose" (vision + llm) or "tiny"
@@ -54,6 +73,7 @@ class ModelConfig:
     # file or to an LLM's HF config.json. None: the tiny preset's keys, or model.llm/config.json.
     shapes: str | None = None
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -132,6 +152,9 @@ class PrpoConfig:
     clip: str | None = None  # CLIPModel folder or hub id for VCR; None -> VCR off
     lexicon: str | None = None  # PCR evidence lexicon YAML; None -> dxcli/rl/lexicon.yaml
     adv_eps: float = 1e-4
+    # append each rank's rollouts ({"step", "rank", "image", "texts"}: the G responses per image) to
+    # RUN/rollouts-rank{r}.jsonl, to read what the policy wrote; off by default (it grows every step)
+    save_rollouts: bool = False
 
 
 @dataclass
@@ -409,6 +432,13 @@ def _validate_combinations(config: DxConfig) -> None:
                          "only ZeRO-3 partitions parameters")
     if hw.offload_optimizer and hw.zero_stage < 2:
         raise UsageError(f"hardware.offload_optimizer needs hardware.zero_stage 2 or 3 (got {hw.zero_stage})")
+    lora = config.model.lora
+    if lora.r < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1 or not lora.target_modules:
+        raise UsageError(f"model.lora: r must be >= 0 (0 = off), alpha > 0, dropout in [0, 1) and target_modules "
+                         f"not empty; got r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, "
+                         f"target_modules={lora.target_modules}")
+    if not set(lora.stages) <= {"instruct", "prpo"}:
+        raise UsageError(f"model.lora.stages: only instruct and prpo train the LLM, got {lora.stages}")
     if hw.gpu_memory_gb < 0:
         raise UsageError(f"hardware.gpu_memory_gb must be >= 0 (0 = unknown), got {hw.gpu_memory_gb}")
 

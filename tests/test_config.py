@@ -132,7 +132,7 @@ def test_offload_keys_need_their_zero_stage_whatever_the_order():
 def test_deepspeed_config_offloads_what_the_keys_say():
     from dxcli.training.engine import deepspeed_config
 
-    h100 = deepspeed_config(config.resolve("h100x2").config, lr=1e-5, world=2)
+    h100 = deepspeed_config(config.resolve("h100x2", ["hardware.offload_optimizer=true"]).config, lr=1e-5, world=2)
     assert h100["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert "offload_param" not in h100["zero_optimization"] and "torch_adam" not in h100["optimizer"]["params"]
     params = deepspeed_config(config.resolve("h100x2", ["hardware.offload_params=true",

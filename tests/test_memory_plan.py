@@ -87,8 +87,9 @@ def test_the_printing_estimator_shows_the_same_figure(small, capsys):
 def test_offload_optimizer_makes_the_plan_smaller():
     for profile in ("h100x2", "h200x8"):
         for stage in ("instruct", "prpo"):
-            on = plan_memory(config.resolve(profile, ["hardware.offload_optimizer=true"]).config, stage)
-            off = plan_memory(config.resolve(profile, ["hardware.offload_optimizer=false"]).config, stage)
+            full = "model.lora.r=0"  # offload matters for full fine-tuning (LoRA's optimizer is small)
+            on = plan_memory(config.resolve(profile, ["hardware.offload_optimizer=true", full]).config, stage)
+            off = plan_memory(config.resolve(profile, ["hardware.offload_optimizer=false", full]).config, stage)
             assert off.total - on.total > 10, (profile, stage)  # 18 B of 20 per trainable parameter
             assert on.cpu_gib > 10 and off.cpu_gib == 0
 
@@ -122,7 +123,9 @@ def test_every_gpu_profile_stage_fits_with_ten_percent_headroom():
 
 def test_lora_drops_the_reference_copy_and_the_llm_optimizer():
     cfg = config.resolve("h100x2", ["hardware.offload_optimizer=false"]).config
-    full, lora = plan_memory(cfg, "prpo"), plan_memory(cfg, "prpo", lora_r=16)
+    full, lora = plan_memory(cfg, "prpo", lora_r=0), plan_memory(cfg, "prpo", lora_r=16)
+    assert plan_memory(cfg, "prpo").total == lora.total  # the profile's own model.lora (r=16, prpo only)
+    assert plan_memory(cfg, "instruct").total == plan_memory(cfg, "instruct", lora_r=0).total
     assert not full.fits and lora.fits and lora.headroom >= 0.10
     row = {r.item: r for r in lora.rows}
     assert row["reference model"].gib == 0 and "adapters off" in row["reference model"].note
@@ -147,18 +150,18 @@ def test_cli_shows_the_h100x2_prpo_plan_offline(monkeypatch):
 
 
 def test_check_plan_fits_raises_with_a_set_that_fits():
-    resolved = config.resolve("h100x2", ["hardware.offload_optimizer=false"]).config
+    resolved = config.resolve("h100x2", ["hardware.offload_optimizer=false", "model.lora.r=0"]).config
     with pytest.raises(DxError, match="--set") as info:
         check_plan_fits(resolved, "prpo")
     message = str(info.value)
     assert "hardware.skip_memory_check=true" in message and "optimizer states" in message and "\n" not in message
     fix = re.search(r"try ((?:--set [^ ,]+ ?)+)", message).group(1).split()[1::2]
     assert fix == ["hardware.offload_optimizer=true"]
-    check_plan_fits(config.resolve("h100x2", ["hardware.offload_optimizer=false", *fix]).config, "prpo")
-    check_plan_fits(config.resolve("h100x2", ["hardware.offload_optimizer=false",
-                                              "hardware.skip_memory_check=true"]).config, "prpo")
-    check_plan_fits(config.resolve("h100x2", ["hardware.offload_optimizer=false",
-                                              "hardware.gpu_memory_gb=0"]).config, "prpo")
+    full = ["hardware.offload_optimizer=false", "model.lora.r=0"]
+    check_plan_fits(config.resolve("h100x2", [*full, *fix]).config, "prpo")
+    check_plan_fits(config.resolve("h100x2", [*full, "hardware.skip_memory_check=true"]).config, "prpo")
+    check_plan_fits(config.resolve("h100x2", [*full, "hardware.gpu_memory_gb=0"]).config, "prpo")
+    check_plan_fits(config.resolve("h100x2").config, "prpo")  # the profile as shipped: LoRA PRPO fits
 
 
 def test_check_plan_fits_suggests_checkpointing_and_smaller_groups():
@@ -189,3 +192,30 @@ def test_shapes_must_describe_the_configured_tower():
         memory.model_shapes(config.resolve("h100x2", ["model.image_size=384"]).config.model)
     with pytest.raises(UsageError, match="dx-llava-7b"):
         memory.model_shapes(config.resolve("h100x2", ["model.shapes=nope"]).config.model)
+
+
+def test_train_refuses_a_plan_that_does_not_fit_before_loading_anything(tmp_path, monkeypatch):
+    from dxcli.jobs import prepare, stages
+
+    def loads(*args, **kwargs):
+        raise AssertionError("a model was loaded or a worker launched before the memory check")
+
+    monkeypatch.setattr(stages, "launch", loads)
+    monkeypatch.setattr(prepare, "build_model", loads)
+    out = tmp_path / "run"
+    # --data and --model do not exist: the check must come first, before any input is read
+    result = runner.invoke(app, ["train", "prpo", "--profile", "h100x2", "--set", "hardware.offload_optimizer=false",
+                                 "--set", "model.lora.r=0", "--model", str(tmp_path / "instruct"),
+                                 "--data", str(tmp_path / "data"), "--out", str(out)], terminal_width=400)
+    assert result.exit_code == 1, result.output
+    message = result.output.strip().splitlines()[-1]
+    assert "prpo needs" in message and "--set " in message and "skip_memory_check" in message
+    assert not out.exists()  # nothing to --force away on the next try
+    result = runner.invoke(app, ["train", "instruct", "--profile", "h100x2", "--set", "hardware.gpu_memory_gb=20",
+                                 "--data", str(tmp_path / "data"), "--out", str(out)], terminal_width=400)
+    assert result.exit_code == 1 and "instruct needs" in result.output and not out.exists()
+    # overridden: the same command goes on to read its inputs (and stops there, on the missing --data)
+    result = runner.invoke(app, ["train", "instruct", "--profile", "h100x2", "--set", "hardware.gpu_memory_gb=20",
+                                 "--set", "hardware.skip_memory_check=true", "--data", str(tmp_path / "data"),
+                                 "--out", str(out)], terminal_width=400)
+    assert result.exit_code == 1 and "no such file or folder" in result.output

@@ -45,11 +45,10 @@ ACT_BYTES_PER_LAYER = 48
 CKPT_BYTES_PER_LAYER = 2
 # Logits, bytes per (token x vocab) element at the peak of the loss. SFT (HF ForCausalLMLoss):
 # 16-bit logits 2 + fp32 upcast 4 + fp32 log-softmax 4. PRPO (rl.prpo.completion_logprobs): fp32
-# upcast 4 + log-softmax 4 + exp 4 + product 4 for the entropy = 16; with a reference model its
-# pass peaks at 16 while the policy graph keeps its 4-byte log-softmax.
+# upcast 4 + log-softmax 4 + exp 4 + product 4 for the entropy = 16. The reference pass (a copy, or
+# the policy with LoRA adapters off) runs first and is freed before the policy pass: no overlap.
 SFT_LOGIT_BYTES = 10
 PRPO_LOGIT_BYTES = 16
-PRPO_LOGIT_KEPT_BYTES = 4
 # Fixed per-GPU cost: CUDA context (~0.5 GiB), NCCL communicators and buffers (~1 GiB), cuBLAS
 # workspaces and allocator fragmentation. A rule of thumb, not a measurement: 2.5 GiB.
 CUDA_OVERHEAD_GIB = 2.5
@@ -61,7 +60,8 @@ SUB_GROUP = 1_000_000_000
 CLIP_PARAMS = 427_616_513
 # The tiny preset's tower (dxcli.model.build.TINY_VISION_ARCH; not imported to keep this module light).
 TINY_VISION_ARCH = "convnext_atto"
-# LoRA targets when planning with lora_r: every linear layer of the LLM's decoder blocks.
+# LoRA targets when a plan is asked for without a config's model.lora.target_modules (its default):
+# every linear layer of the LLM's decoder blocks.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # check_plan_fits suggests changes that leave this share free when it can: the plan is an estimate.
 SUGGEST_MARGIN = 0.10
@@ -82,8 +82,9 @@ class ModelShapes:
     head_dim: int
     vocab: int
     image_tokens: int
-    lora_per_rank: int  # LoRA parameters per unit of rank over LORA_TARGETS
+    lora_per_rank: int  # LoRA parameters per unit of rank over lora_targets
     source: str
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
     @property
     def total(self) -> int:
@@ -191,14 +192,14 @@ def model_shapes(model: ModelConfig) -> ModelShapes:
     """Parameter counts of the DX-LLaVA `model` describes, from a meta-device build (no weights)."""
     llm, arch, args, added, source = _shape_inputs(model)
     return _count_shapes(json.dumps(llm, sort_keys=True), arch, json.dumps(args, sort_keys=True),
-                         model.image_size, model.head_hidden, added, source)
+                         model.image_size, model.head_hidden, added, source, tuple(model.lora.target_modules))
 
 
 @functools.lru_cache(maxsize=16)  # a fix search re-plans many times; the build happens once
 def _count_shapes(llm_json: str, arch: str, args_json: str, image_size: int, head_hidden: int, added: int,
-                  source: str) -> ModelShapes:
+                  source: str, lora_targets: tuple[str, ...] = LORA_TARGETS) -> ModelShapes:
     llm_cfg = _llm_config(json.loads(llm_json), added)
-    llm, llm_largest, lora_per_rank = _meta_llm(llm_cfg)
+    llm, llm_largest, lora_per_rank = _meta_llm(llm_cfg, lora_targets)
     vision, width, stride, vision_largest = _meta_vision(arch, json.loads(args_json))
     if image_size < stride or image_size % stride:
         raise UsageError(f"model.image_size must be a multiple of the vision stride {stride}, got {image_size}")
@@ -211,7 +212,8 @@ def _count_shapes(llm_json: str, arch: str, args_json: str, image_size: int, hea
         largest_layer=max(llm_largest, vision_largest, width * h, h * h),
         hidden=h, layers=llm_cfg.num_hidden_layers, kv_heads=getattr(llm_cfg, "num_key_value_heads", None) or heads,
         head_dim=getattr(llm_cfg, "head_dim", None) or h // heads, vocab=llm_cfg.vocab_size,
-        image_tokens=(image_size // stride) ** 2, lora_per_rank=lora_per_rank, source=source)
+        image_tokens=(image_size // stride) ** 2, lora_per_rank=lora_per_rank, source=source,
+        lora_targets=lora_targets)
 
 
 def _llm_config(data: dict[str, Any], added: int) -> Any:
@@ -229,7 +231,7 @@ def _llm_config(data: dict[str, Any], added: int) -> Any:
     return config
 
 
-def _meta_llm(llm_cfg: Any) -> tuple[int, int, int]:
+def _meta_llm(llm_cfg: Any, lora_targets: tuple[str, ...]) -> tuple[int, int, int]:
     """(parameters, largest layer, LoRA parameters per rank) of the causal LM, built on meta."""
     import torch
     from torch import nn
@@ -238,7 +240,7 @@ def _meta_llm(llm_cfg: Any) -> tuple[int, int, int]:
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(llm_cfg)
     lora = sum(m.in_features + m.out_features for name, m in llm.named_modules()
-               if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS)
+               if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in lora_targets)
     return _unique_numel(llm), _largest_layer(llm), lora
 
 
@@ -280,10 +282,12 @@ def _setup(config: DxConfig, stage: str, lora_r: int | None) -> _Setup:
     if stage not in STAGES:
         raise UsageError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     hw = config.hardware
-    if lora_r is None:  # model.lora.r once that key exists; full fine-tuning until then
-        lora_r = int(getattr(getattr(config.model, "lora", None), "r", 0) or 0)
+    if lora_r is None:  # the run's own setting for this stage (0: full fine-tuning; align: always 0)
+        lora_r = config.model.lora.rank_for(stage)
     if lora_r < 0:
         raise UsageError(f"LoRA rank must be >= 0, got {lora_r}")
+    if stage == "align":  # align trains no LLM weight, so training.sft puts no adapters on it
+        lora_r = 0
     return _Setup(stage=stage, world=max(1, hw.nproc_per_node * hw.nnodes), zero=hw.zero_stage,
                   nbytes=4 if hw.precision == "fp32" else 2, mixed=hw.precision != "fp32",
                   offload_optimizer=hw.offload_optimizer and hw.zero_stage >= 2,
@@ -341,7 +345,7 @@ def _param_rows(s: _Setup, shapes: ModelShapes) -> list[PlanRow]:
     if s.lora_r:
         n = s.lora_r * shapes.lora_per_rank
         rows.append(_row(f"parameters: LoRA r={s.lora_r}", n * s.nbytes / split,
-                         f"{n / 1e6:,.1f}M on q,k,v,o,gate,up,down", on_cpu=s.offload_params, model_state=True))
+                         f"{n / 1e6:,.1f}M on {','.join(t.removesuffix('_proj') for t in shapes.lora_targets)}", on_cpu=s.offload_params, model_state=True))
     return rows
 
 
@@ -430,7 +434,7 @@ def _update_rows(s: _Setup, config: DxConfig, shapes: ModelShapes) -> list[PlanR
         sequences = p.images_per_step * p.group_size
         seqs = math.ceil(sequences / math.ceil(sequences / config.hardware.micro_batch))  # as rl.prpo chunks
         length, scored = _prompt_tokens(shapes) + p.max_new_tokens, p.max_new_tokens
-        logit_bytes = PRPO_LOGIT_BYTES + (PRPO_LOGIT_KEPT_BYTES if s.reference else 0)
+        logit_bytes = PRPO_LOGIT_BYTES
     else:
         seqs, length = config.hardware.micro_batch, config.train.max_length
         scored, logit_bytes = length, SFT_LOGIT_BYTES

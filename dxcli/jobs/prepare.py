@@ -19,13 +19,16 @@ from dxcli.training.state import checkpoint_tags
 from dxcli.runtime.trackers import check_installed
 
 
-def open_run_dir(run_dir: Path, resolved: cfgmod.Resolved, *, resume: bool, force: bool) -> cfgmod.DxConfig:
+def open_run_dir(run_dir: Path, resolved: cfgmod.Resolved, *, resume: bool, force: bool,
+                 check: Callable[[cfgmod.DxConfig], None] | None = None) -> cfgmod.DxConfig:
     """Create (or, with resume, reopen) RUN_DIR and write its resolved config.yaml.
 
     A run that has something to lose (a checkpoint or a model) is never overwritten silently: it
     needs --resume (continue) or --force (start over). A folder whose run stopped before its first
     checkpoint holds nothing to lose and is reused. On --resume the run's own config is used;
-    --set / flags given again are applied on top.
+    --set / flags given again are applied on top. The final config is checked before anything is
+    written or deleted (trackers installed, `check`: the memory plan), so a refused run leaves
+    nothing behind.
     """
     run_dir = Path(run_dir)
     saved = run_dir / "config.yaml"
@@ -36,13 +39,12 @@ def open_run_dir(run_dir: Path, resolved: cfgmod.Resolved, *, resume: bool, forc
             raise DxError(f"--resume: {run_dir} has no checkpoint yet (the run stopped before its first save); "
                           "run the same command without --resume to start it")
         config = cfgmod.with_overrides(cfgmod.load(saved), resolved)
-        check_installed(config.train.report_to)
+        _check_before_writing(config, check)
         cfgmod.save(config, saved)
         return config
     if run_dir.is_file():
         raise DxError(f"--out {run_dir} is a file, not a folder")
-    # a tracker asked for but not installed stops here, before the run folder is touched
-    check_installed(resolved.config.train.report_to)
+    _check_before_writing(resolved.config, check)
     if run_dir.exists() and any(run_dir.iterdir()):
         if has_progress(run_dir) and not force:
             raise DxError(f"{run_dir} holds a run with a checkpoint or model; pass --resume to continue it "
@@ -51,6 +53,12 @@ def open_run_dir(run_dir: Path, resolved: cfgmod.Resolved, *, resume: bool, forc
     run_dir.mkdir(parents=True, exist_ok=True)
     cfgmod.save(resolved.config, saved)
     return resolved.config
+
+
+def _check_before_writing(config: cfgmod.DxConfig, check: Callable[[cfgmod.DxConfig], None] | None) -> None:
+    check_installed(config.train.report_to)
+    if check is not None:
+        check(config)
 
 
 def has_progress(run_dir: Path) -> bool:

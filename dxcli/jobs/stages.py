@@ -15,9 +15,17 @@ from dxcli.data.records import load_records
 from dxcli.evaluation.infer import InferJob, load_questions, merge_outputs
 from dxcli.jobs import prepare
 from dxcli.jobs.launch import LaunchSpec, launch, spec_for
+from dxcli.jobs.memory import check_plan_fits
 from dxcli.model.checkpoint import resolve_model_path
 from dxcli.training.prpo import PrpoJob
 from dxcli.training.sft import SftJob
+
+
+def memory_check(stage: str) -> Callable[[cfgmod.DxConfig], None]:
+    """The planner's verdict before anything is loaded or launched: a plan over hardware.gpu_memory_gb
+    is refused in one line with a `--set` that fits (no-op when the capacity is 0, as on cpu-tiny, or
+    with hardware.skip_memory_check=true). Minutes of loading a 7B model would otherwise end in an OOM."""
+    return lambda config: check_plan_fits(config, stage)
 
 
 def run_sft_stage(stage: str, *, out: Path, resolved: cfgmod.Resolved, data: Path | None = None,
@@ -26,7 +34,7 @@ def run_sft_stage(stage: str, *, out: Path, resolved: cfgmod.Resolved, data: Pat
                   say: Callable[[str], None] = print) -> Path:
     """align or instruct; returns the saved model folder (RUN/model)."""
     out = Path(out)
-    config = prepare.open_run_dir(out, resolved, resume=resume, force=force)
+    config = prepare.open_run_dir(out, resolved, resume=resume, force=force, check=memory_check(stage))
     records_file, images_root = prepare.run_records(out, "train-records.jsonl", resume=resume, say=say,
                                                     data=data, images=images, skip_bad=skip_bad)
     start = prepare.starting_model(model, config, out, lambda: [r.answer for r in load_records(records_file)])
@@ -42,7 +50,7 @@ def run_prpo_stage(*, out: Path, resolved: cfgmod.Resolved, model: str | None, d
                    say: Callable[[str], None] = print) -> Path:
     """PRPO / GRPO from an SFT checkpoint; returns RUN/model."""
     out = Path(out)
-    config = prepare.open_run_dir(out, resolved, resume=resume, force=force)
+    config = prepare.open_run_dir(out, resolved, resume=resume, force=force, check=memory_check("prpo"))
     start = resolve_model_path(model) or config.model.path
     if start is None:
         raise UsageError("--model is required: the instruct (SFT) checkpoint or run folder to start from")

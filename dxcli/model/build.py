@@ -193,7 +193,6 @@ def build_tiny(cfg: ModelConfig, texts: list[str], seed: int = 0,
     # layer-scale 1.0 (timm: 1e-6): a random tower whose blocks start near identity gives features
     # too small and too alike for the binary head to learn from in minutes
     model_args = {"depths": tuple(tiny.vision_depths), "dims": tuple(tiny.vision_dims), "ls_init_value": 1.0}
-    vision_config, stride = _vision_config(TINY_VISION_ARCH, model_args, cfg.image_size)
     text_config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=tiny.hidden_size,
@@ -201,22 +200,33 @@ def build_tiny(cfg: ModelConfig, texts: list[str], seed: int = 0,
         num_hidden_layers=tiny.num_layers,
         num_attention_heads=tiny.num_heads,
         num_key_value_heads=tiny.num_heads,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    image_tokens = (cfg.image_size // stride) ** 2
+    bundle = build_random(TINY_VISION_ARCH, model_args, text_config, tokenizer, cfg.image_size, cfg.head_hidden,
+                          seed=seed, dtype=dtype)
+    summarise(bundle, f"tiny preset ({TINY_VISION_ARCH} {tiny.vision_dims}, random init)")
+    return bundle
+
+
+def build_random(vision_arch: str, vision_args: dict, text_config: Any, tokenizer: Any, image_size: int,
+                 head_hidden: int, *, seed: int = 0, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu") -> ModelBundle:
+    """A random-init DX-LLaVA of any shape: timm tower `vision_arch` (no pretrained weights) + a
+    Llama-family `text_config` (its vocab may exceed the tokenizer's), created on `device` in
+    `dtype`. The tiny preset, and real-shaped models for speed and memory checks (tests/gpu) with
+    nothing downloaded; a 7B is initialised on the GPU rather than in CPU float32."""
+    vision_config, stride = _vision_config(vision_arch, vision_args, image_size)
+    text_config.bos_token_id = tokenizer.bos_token_id
+    text_config.eos_token_id = tokenizer.eos_token_id
+    text_config.pad_token_id = tokenizer.pad_token_id
     config = _dx_config(vision_config, text_config, tokenizer.convert_tokens_to_ids(template.IMAGE_TOKEN),
-                        image_tokens, cfg.head_hidden)
+                        (image_size // stride) ** 2, head_hidden)
     config.dtype = dtype or torch.get_default_dtype()
-    with torch.random.fork_rng(devices=[]), _default_dtype(dtype):
+    with torch.random.fork_rng(devices=[]), _default_dtype(dtype), torch.device(device):
         torch.manual_seed(seed)
         model = DxLlavaForConditionalGeneration(config)
     _set_generation_tokens(model, tokenizer)
-    bundle = ModelBundle(model, tokenizer, make_processor(tokenizer, cfg.image_size, stride))
-    summarise(bundle, f"tiny preset ({TINY_VISION_ARCH} {tiny.vision_dims}, random init)")
-    return bundle
+    return ModelBundle(model, tokenizer, make_processor(tokenizer, image_size, stride))
 
 
 # ---------------------------------------------------------------- composition
@@ -405,6 +415,8 @@ def param_summary(model: DxLlavaForConditionalGeneration) -> str:
     """One line: parameters per part, with how many train."""
     parts = []
     for part, params in model.parts().items():
+        if not params:  # no adapters without LoRA
+            continue
         unique = {id(p): p for p in params}.values()  # tied weights count once
         total = sum(p.numel() for p in unique)
         trainable = sum(p.numel() for p in unique if p.requires_grad)

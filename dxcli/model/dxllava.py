@@ -17,6 +17,10 @@ from transformers.models.fast_vlm.modeling_fast_vlm import FastVlmCausalLMOutput
 from transformers.utils.generic import can_return_tuple
 
 
+# peft names every LoRA tensor lora_A/lora_B/...: how `parts` tells adapters from the LLM's own weights
+ADAPTER_MARK = "lora_"
+
+
 class DxLlavaConfig(FastVlmConfig):
     """FastVlm's config plus the width of the binary head's hidden layer.
 
@@ -140,22 +144,29 @@ class DxLlavaForConditionalGeneration(FastVlmForConditionalGeneration):
     # ------------------------------------------------------------------ freezing
 
     def parts(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by part: vision, projector, llm (decoder, embeddings, lm_head), head."""
+        """Parameters by part: vision, projector, llm (decoder, embeddings, lm_head), head, and the
+        LoRA adapters on the LLM (dxcli.model.lora; empty without)."""
+        llm = [*self.model.language_model.named_parameters(), *self.lm_head.named_parameters()]
         return {
             "vision": list(self.model.vision_tower.parameters()),
             "projector": list(self.model.multi_modal_projector.parameters()),
-            "llm": list(self.model.language_model.parameters()) + list(self.lm_head.parameters()),
+            "llm": [p for name, p in llm if ADAPTER_MARK not in name],
             "head": list(self.binary_head.parameters()),
+            "adapters": [p for name, p in llm if ADAPTER_MARK in name],
         }
 
     def freeze(self, vision: bool, llm: bool, projector: bool, head: bool) -> None:
         """True freezes a part (requires_grad False), False makes it trainable.
 
+        With LoRA adapters on the LLM, a trainable LLM means trainable adapters: the LLM's own
+        weights stay frozen (they are also PRPO's KL reference, adapters off).
         A frozen vision tower is switched to eval mode at once and stays there (see `train`).
         When the tower trains, timm's classifier head stays frozen: `forward_features` never
         reaches it, and parameters without gradients upset distributed optimizers.
         """
-        flags = {"vision": vision, "llm": llm, "projector": projector, "head": head}
+        has_adapters = bool(self.parts()["adapters"])
+        flags = {"vision": vision, "llm": llm or has_adapters, "projector": projector, "head": head,
+                 "adapters": llm}
         for part, params in self.parts().items():
             for param in params:
                 param.requires_grad_(not flags[part])

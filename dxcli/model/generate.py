@@ -30,6 +30,13 @@ class Generation:
     image_features: torch.Tensor  # [n_images, N, d] projected image tokens
 
 
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: transformers' own rule in `generate`
+    (GenerationMixin._prepare_position_ids_for_generation). `generate` below and PRPO's log-prob
+    pass both take them from here, so a token sits at the same position in both passes."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
 def encode_prompts(bundle, questions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids and mask (one KV cache decodes the batch); the tokenizer's own
     padding side is restored, since training pads on the right with the same tokenizer."""
@@ -79,7 +86,8 @@ def generate(bundle, images: list[Any], questions: list[str], *, max_new_tokens:
         if seed is not None:
             torch.manual_seed(seed)
         out = model.generate(
-            inputs_embeds=embeds, attention_mask=mask_g, max_new_tokens=max_new_tokens, do_sample=sampling,
+            inputs_embeds=embeds, attention_mask=mask_g, position_ids=position_ids_from_mask(mask_g),
+            max_new_tokens=max_new_tokens, do_sample=sampling,
             temperature=temperature if sampling else None, top_p=top_p if sampling else None, top_k=None,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=True)
     token_ids = [strip_after_eos(row.tolist(), tokenizer.eos_token_id, tokenizer.pad_token_id) for row in out]

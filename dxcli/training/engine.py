@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable
 
 from dxcli.config import DxConfig
@@ -47,3 +49,22 @@ def initialize(model, ds_config: dict[str, Any], total_steps: int, warmup_ratio:
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config,
                                                    lr_scheduler=schedule)
     return engine, scheduler
+
+
+@contextmanager
+def weights_for_generation(engine) -> Iterator[None]:
+    """Whole weights on every rank for one rollout; a no-op below ZeRO-3 (weights are whole there).
+
+    Under ZeRO-3 each forward gathers every layer's partitions with a collective: decoding token
+    by token would gather the model once per token, and ranks that stop at different lengths would
+    wait for each other's gathers for ever. DeepSpeed's `unwrap_model_for_generation` gathers once
+    and removes the partition hooks, so `generate` runs without collectives at full speed, then
+    re-partitions and puts the hooks back.
+    """
+    if engine.zero_optimization_stage() != 3:
+        yield
+        return
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(engine):
+        yield

@@ -19,8 +19,10 @@ import torch
 
 from dxcli import config as cfgmod
 from dxcli.base.images import load_rgb
+from dxcli.base.jsonio import dumps_line
 from dxcli.data.records import load_records
 from dxcli.model.checkpoint import load_checkpoint
+from dxcli.model.lora import apply_lora
 from dxcli.rl.objective import policy_loss
 from dxcli.rl.rewards import ClipScorer, load_lexicon
 from dxcli.runtime import env
@@ -52,7 +54,7 @@ class PrpoState:
     bundle: Any
     engine: Any
     scheduler: Any
-    reference: Any  # frozen copy of the start for the KL term; None when beta == 0
+    reference: Any  # frozen copy of the start for the KL term; None when beta == 0 or with LoRA
     clip: Any  # ClipScorer for VCR; None when off
     lexicon: Any
     records: list
@@ -72,11 +74,14 @@ def setup(job: PrpoJob) -> PrpoState:
     env.set_threads(hw.threads)
     # the policy: only the LLM learns
     bundle = load_checkpoint(job.model)
+    lora = cfg.model.lora.rank_for("prpo") > 0
+    if lora:
+        bundle.model = apply_lora(bundle.model, cfg.model.lora)
     bundle.model.freeze(vision=True, llm=False, projector=True, head=True)  # True = frozen
     if cfg.train.grad_checkpointing:
         bundle.model.gradient_checkpointing_enable()
     reference = None
-    if p.beta > 0:  # only then is a reference model needed
+    if p.beta > 0 and not lora:  # with LoRA the reference is the policy, adapters off: no copy
         reference = load_checkpoint(job.model, dtype=env.torch_dtype(hw.precision)).model.to(dist.device).eval()
         reference.requires_grad_(False)
     clip = ClipScorer.load(p.clip, dist.device) if (p.algo == "prpo" and p.clip) else None
@@ -98,8 +103,10 @@ def setup(job: PrpoJob) -> PrpoState:
     engine, scheduler = ds.initialize(bundle.model, ds_config, total_steps, cfg.train.warmup_ratio)
     bundle.model = engine.module
     if dist.main:
+        tuning = f"LoRA r={cfg.model.lora.r}" + (" (reference: adapters off)" if p.beta > 0 else "") if lora else "full"
         print(f"[{p.algo}] labels={p.labels} G={p.group_size} images/step/rank={p.images_per_step} "
-              f"VCR={'on' if clip else 'off'} beta={p.beta}; {len(records)} prompts; {total_steps} steps", flush=True)
+              f"VCR={'on' if clip else 'off'} beta={p.beta} {tuning}; {len(records)} prompts; {total_steps} steps",
+              flush=True)
     return PrpoState(job, cfg, dist, bundle, engine, scheduler, reference, clip,
                      load_lexicon(Path(p.lexicon) if p.lexicon else None), records, sampler, total_steps, chunks)
 
@@ -123,9 +130,12 @@ def train_step(state: PrpoState, batch: list) -> dict[str, Any]:
     # rollout: G samples per image from the current weights, with rewards and token advantages
     images = [load_rgb(Path(state.job.images) / r.image) for r in batch]
     labels = [("fake" if r.binary_label else "real") if r.binary_label is not None else None for r in batch]
-    roll = rollout(state.bundle, images, [r.question for r in batch], labels, cfg=p, clip=state.clip,
-                   lexicon=state.lexicon, seed=state.cfg.train.seed * 100_003 + state.step * state.dist.world
-                   + state.dist.rank)
+    with ds.weights_for_generation(engine):  # ZeRO-3: gathered once for the whole rollout
+        roll = rollout(state.bundle, images, [r.question for r in batch], labels, cfg=p, clip=state.clip,
+                       lexicon=state.lexicon, seed=state.cfg.train.seed * 100_003 + state.step * state.dist.world
+                       + state.dist.rank)
+    if p.save_rollouts:
+        save_rollouts(state, batch, roll)
     # update: the clipped surrogate over every sequence, in micro-batches
     engine.train()
     sums = update(state, roll)
@@ -133,6 +143,30 @@ def train_step(state: PrpoState, batch: list) -> dict[str, Any]:
     order_len = max(len(state.sampler.shard(state.epoch)), 1)
     return {"step": state.step, "epoch": state.epoch + state.position / order_len, **roll.stats, **sums,
             "lr": state.scheduler.get_last_lr()[0], "seconds": time.time() - started}
+
+
+def save_rollouts(state: PrpoState, batch: list, roll: Rollout) -> None:
+    """Append this step's responses, one line per image, to RUN/rollouts-rank{r}.jsonl (each rank its
+    own file: no locking across processes). `step` is the step these rollouts train, as in metrics."""
+    G = state.cfg.prpo.group_size
+    path = Path(state.job.run_dir) / f"rollouts-rank{state.dist.rank}.jsonl"
+    with path.open("a", encoding="utf-8") as fh:
+        for i, record in enumerate(batch):
+            fh.write(dumps_line({"step": state.step + 1, "rank": state.dist.rank, "image": record.image,
+                                 "texts": roll.texts[i * G:(i + 1) * G]}))
+
+
+def reference_logprobs(state: PrpoState, roll: Rollout, rows: slice) -> Any:
+    """pi_ref's log-probs for the KL term (METHOD.md §13); None when beta == 0. The reference is the
+    frozen copy of the start or, with LoRA, the policy with its adapters disabled: its own weights
+    never train, so it is the start exactly."""
+    if state.cfg.prpo.beta <= 0:
+        return None
+    with torch.no_grad():
+        if state.reference is not None:
+            return completion_logprobs(state.reference, roll, rows, state.engine.device)[0]
+        with state.engine.module.disable_adapter():
+            return completion_logprobs(state.engine, roll, rows, state.engine.device)[0]
 
 
 def update(state: PrpoState, roll: Rollout) -> dict[str, float]:
@@ -144,12 +178,9 @@ def update(state: PrpoState, roll: Rollout) -> dict[str, float]:
     sums = {"kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "loss": 0.0}
     for c in range(state.chunks):
         rows = slice(c * per_chunk, (c + 1) * per_chunk)
+        ref_logp = reference_logprobs(state, roll, rows)  # first: no policy graph is alive during it
         logp, entropy = completion_logprobs(engine, roll, rows, engine.device)
         mask = roll.completion_mask[rows].to(engine.device).float()
-        ref_logp = None
-        if state.reference is not None:
-            with torch.no_grad():
-                ref_logp, _ = completion_logprobs(state.reference, roll, rows, engine.device)
         loss, info = policy_loss(logp, logp.detach(), roll.advantages[rows].to(engine.device), mask,
                                  eps_low=p.eps_low, eps_high=p.eps_high, beta=p.beta, ref_logp=ref_logp,
                                  agg=p.loss_agg)

@@ -10,7 +10,7 @@ import torch
 
 from dxcli.base.answer import parse_answer
 from dxcli.config import PrpoConfig
-from dxcli.model.generate import generate
+from dxcli.model.generate import generate, position_ids_from_mask
 from dxcli.rl.advantages import grpo_token_advantages, mean, prpo_token_advantages
 from dxcli.rl.objective import majority_answer
 
@@ -26,6 +26,7 @@ class Rollout:
     completion_mask: Any
     advantages: Any  # [B*G, T] per token
     stats: dict[str, float]
+    texts: list[str]  # the B*G decoded responses, grouped by image (prpo.save_rollouts keeps them)
 
 
 def rollout(bundle, images, questions, labels, *, cfg: PrpoConfig, clip, lexicon, seed: int) -> Rollout:
@@ -62,19 +63,27 @@ def rollout(bundle, images, questions, labels, *, cfg: PrpoConfig, clip, lexicon
         stats["answer_accuracy"] = mean([float(answers[i * G + g] == labels[i]) for i in known for g in range(G)])
     expand = lambda x: x.repeat_interleave(G, dim=0)  # noqa: E731
     return Rollout(expand(gen.prompt_ids), expand(gen.prompt_mask), expand(gen.image_features).detach(),
-                   completion, completion_mask, advantages, stats)
+                   completion, completion_mask, advantages, stats, gen.texts)
 
 
 def completion_logprobs(model, roll: Rollout, rows: slice, device) -> tuple[Any, Any]:
-    """Per-token log-probs of the completions (with the image) and the token entropy, for `rows`."""
+    """Per-token log-probs of the completions (with the image) and the token entropy, for `rows`.
+
+    `model` is a DeepSpeed engine or a plain model. The embeddings are built by `prompt_embeds`
+    outside the engine's forward: under ZeRO-3 the embedding layer's own partition hooks gather
+    its weight for that call and its backward, so the gradient reaches the embeddings as in a
+    plain forward (tests/test_prpo_zero3.py checks ZeRO-3 against ZeRO-2).
+    """
     prompt_ids, prompt_mask = roll.prompt_ids[rows].to(device), roll.prompt_mask[rows].to(device)
     comp_ids, comp_mask = roll.completion_ids[rows].to(device), roll.completion_mask[rows].to(device)
-    embeds = model.prompt_embeds(torch.cat([prompt_ids, comp_ids], 1), torch.cat([prompt_mask, comp_mask], 1),
-                                 image_features=roll.image_features[rows].to(device))
     mask = torch.cat([prompt_mask, comp_mask], 1)
+    embeds = model.prompt_embeds(torch.cat([prompt_ids, comp_ids], 1), mask,
+                                 image_features=roll.image_features[rows].to(device))
     width = comp_ids.shape[1]
-    # only the positions that predict completion tokens (position t predicts token t+1)
-    logits = model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=width + 1).logits
+    # only the positions that predict completion tokens (position t predicts token t+1); positions
+    # skip the left padding exactly as in `generate`, so both passes score the same sequence
+    logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                   logits_to_keep=width + 1).logits
     logits = logits[:, :-1].float()
     logp_all = torch.log_softmax(logits, -1)
     logp = logp_all.gather(-1, comp_ids.unsqueeze(-1)).squeeze(-1)

@@ -19,6 +19,7 @@ from dxcli import config as cfgmod
 from dxcli.data.records import load_records
 from dxcli.model.build import image_token_count
 from dxcli.model.checkpoint import build_model, load_checkpoint
+from dxcli.model.lora import apply_lora
 from dxcli.runtime import env
 from dxcli.runtime.dist import Dist, all_reduce_sum, init_distributed
 from dxcli.runtime.interrupt import StopRequest
@@ -88,6 +89,8 @@ def setup(job: SftJob) -> SftState:
     # the model: a checkpoint (or the composed one), with this stage's trainable parts
     records = load_records(Path(job.records))
     bundle = load_checkpoint(job.model) if job.model else build_model(cfg.model, [r.answer for r in records])
+    if cfg.model.lora.rank_for(job.stage):  # never align: it trains no LLM weight
+        bundle.model = apply_lora(bundle.model, cfg.model.lora)
     bundle.model.freeze(**frozen_parts(job.stage, cfg))
     if cfg.train.grad_checkpointing:
         bundle.model.gradient_checkpointing_enable()

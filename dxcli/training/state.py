@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from dxcli.base.errors import Interrupted
 from dxcli.model.checkpoint import save_checkpoint
+from dxcli.model.lora import is_lora, save_merged
 from dxcli.runtime.dist import Dist, barrier
 from dxcli.runtime.env import STOP_AFTER_ENV, rng_state, set_rng_state, stop_after_step
 from dxcli.runtime.interrupt import StopRequest
@@ -28,7 +29,9 @@ def save_training_state(engine, folder: Path, step: int, state: dict[str, Any], 
     import torch
 
     tag = f"step-{step:07d}"
-    engine.save_checkpoint(str(folder), tag=tag, client_state={**state, "step": step, "tag": tag})
+    # with LoRA the frozen base (a whole 7B) is the starting checkpoint's: only what learns is saved
+    engine.save_checkpoint(str(folder), tag=tag, client_state={**state, "step": step, "tag": tag},
+                           exclude_frozen_parameters=is_lora(engine.module))
     torch.save(rng_state(), Path(folder) / tag / f"rng-rank{dist.rank}.pt")
     barrier(dist)
     if dist.main:
@@ -43,7 +46,8 @@ def load_training_state(engine, folder: Path, dist: Dist) -> dict[str, Any] | No
 
     if not checkpoint_tags(folder):
         return None
-    _, client = engine.load_checkpoint(str(folder))
+    # a LoRA checkpoint holds the trainable tensors only; the frozen rest is already loaded
+    _, client = engine.load_checkpoint(str(folder), load_module_strict=not is_lora(engine.module))
     rng_file = Path(folder) / client["tag"] / f"rng-rank{dist.rank}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
@@ -51,11 +55,15 @@ def load_training_state(engine, folder: Path, dist: Dist) -> dict[str, Any] | No
 
 
 def save_final_model(engine, bundle, out_dir: Path, zero_stage: int, dist: Dist) -> None:
-    """The final `save_pretrained` folder; under ZeRO-3 the weights are gathered first (all ranks)."""
+    """The final `save_pretrained` folder; under ZeRO-3 the weights are gathered first (all ranks).
+    With LoRA, the adapters are merged into it and also kept alone in `out_dir`'s sibling adapter/."""
     state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
     if dist.main:
         bundle.model = engine.module
-        save_checkpoint(bundle, out_dir, state_dict=state)
+        if is_lora(engine.module):
+            save_merged(bundle, out_dir, Path(out_dir).parent / "adapter", state)
+        else:
+            save_checkpoint(bundle, out_dir, state_dict=state)
     barrier(dist)
 
 
