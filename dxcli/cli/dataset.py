@@ -12,6 +12,8 @@ import typer
 
 from dxcli.cli.common import DEFAULT_PROFILE_NAME, ProfileOpt, set_option, console, err_console, is_tty
 
+SetOpt = set_option("dataset.workers=2")
+
 app = typer.Typer(help="Check, split and generate image datasets (ROOT/<domain>/<split>/<label>/<file>).",
                   no_args_is_help=True)
 
@@ -73,7 +75,7 @@ def check(
     json_out: JsonOpt = False,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Decoding processes (0 = all cores).")] = None,
     profile: ProfileOpt = DEFAULT_PROFILE_NAME,
-    sets: set_option("dataset.workers=2") = None,
+    sets: SetOpt = None,
 ) -> None:
     """Decode every image, count per domain x split x label, report problems.
 

@@ -9,11 +9,13 @@ import typer
 
 from dxcli.cli.common import set_option, console, err_console
 
+SetOpt = set_option("instruct.epochs=2")
+
 
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for every step's output.")] = Path("dx-demo"),
     force: Annotated[bool, typer.Option("--force", help="Delete OUT and start over (default: resume).")] = False,
-    sets: set_option("instruct.epochs=2") = None,
+    sets: SetOpt = None,
 ) -> None:
     """Run the whole pipeline on the built-in demo data (cpu-tiny profile, offline, minutes on a CPU).
 

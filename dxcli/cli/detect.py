@@ -9,6 +9,8 @@ import typer
 
 from dxcli.cli.common import DEFAULT_PROFILE_NAME, ProfileOpt, set_option, console, err_console, resolve_config
 
+SetOpt = set_option("eval.max_new_tokens=256")
+
 
 def detect(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
@@ -17,7 +19,7 @@ def detect(
     no_reasoning: Annotated[bool, typer.Option("--no-reasoning", help="Binary head only: no text generation (fast).")] = False,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Generation length cap.")] = None,
     profile: ProfileOpt = DEFAULT_PROFILE_NAME,
-    sets: set_option("eval.max_new_tokens=256") = None,
+    sets: SetOpt = None,
 ) -> None:
     """Is this image real or fake? Prints the verdict, the head's P(fake), the reasoning and the time.
 

@@ -9,6 +9,8 @@ import typer
 
 from dxcli.cli.common import DEFAULT_PROFILE_NAME, ProfileOpt, set_option, console, resolve_config
 
+SetOpt = set_option("eval.batch_size=8")
+
 
 def infer(
     model: Annotated[str, typer.Option("--model", help="dx checkpoint folder (or a run folder).")],
@@ -22,7 +24,7 @@ def infer(
     nproc_per_node: Annotated[Optional[int], typer.Option("--nproc-per-node", help="Processes (each takes a shard).")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Succeed even when some images cannot be read (they stay in OUT as error rows, left out of the scores).")] = False,
     profile: ProfileOpt = DEFAULT_PROFILE_NAME,
-    sets: set_option("eval.batch_size=8") = None,
+    sets: SetOpt = None,
 ) -> None:
     """Answer every question with batched generation; lines are appended as they come.
 

@@ -10,6 +10,8 @@ import typer
 
 from dxcli.cli.common import DEFAULT_PROFILE_NAME, ProfileOpt, set_option, console, resolve_config
 
+SetOpt = set_option("prpo.vcr_weight=0.3")
+
 
 def rewards(
     file: Annotated[Path, typer.Argument(help="Rollouts JSONL ({image, responses}) or an eval-infer answers file.")],
@@ -19,7 +21,7 @@ def rewards(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON list, one object per input row.")] = False,
     every_row: Annotated[bool, typer.Option("--rows", help="Also print every response's paragraph table (long).")] = False,
     profile: ProfileOpt = DEFAULT_PROFILE_NAME,
-    sets: set_option("prpo.vcr_weight=0.3") = None,
+    sets: SetOpt = None,
 ) -> None:
     """Explain the PRPO reward: paragraphs with keyword, evidence label, VCR, PCR, reward and advantage.
 

@@ -7,6 +7,8 @@ from typing import Annotated
 import typer
 
 from dxcli.cli.common import set_option, console, print_config, print_memory_plan
+
+SetOpt = set_option("prpo.group_size=4")
 from dxcli.base.errors import UsageError
 
 app = typer.Typer(help="Hardware/training profiles (YAML).", no_args_is_help=True)
@@ -34,7 +36,7 @@ def list_() -> None:
 @app.command("show")
 def show(
     name: Annotated[str, typer.Argument(help="Profile name or YAML path.")],
-    sets: set_option("prpo.group_size=4") = None,
+    sets: SetOpt = None,
     memory: Annotated[bool, typer.Option("--memory", help="Show the per-GPU memory plan instead of the keys.")] = False,
     stage: Annotated[str | None, typer.Option("--stage", help="align|instruct|prpo (with --memory; default: all).")] = None,
 ) -> None:

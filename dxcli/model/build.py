@@ -7,7 +7,6 @@ DxError, never a silently random-initialised part.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
