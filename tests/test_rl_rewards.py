@@ -13,10 +13,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
 
 from dxcli.base.errors import DxError
+from dxcli.rl.clip import ClipScorer
 from dxcli.rl.explain import explain, rows_from_file, summarize
 from dxcli.rl.paragraphs import Paragraph
 from dxcli.rl.rewards import (
-    ClipScorer,
     keyword,
     load_lexicon,
     paragraph_label,
