@@ -80,6 +80,9 @@ def test_prpo_resume_continues(trained, demo_root, tmp_path, monkeypatch):
     rows = metrics(tmp_path / "rl")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[2]["epoch"] > rows[1]["epoch"]  # the data position moved on, nothing repeated
+    # the signal tally survives the resume: 24 new tokens never reach an answer, in any of the 3 steps
+    summary = json.loads((tmp_path / "rl" / "summary.json").read_text())
+    assert (summary["steps"], summary["steps_all_invalid"], summary["steps_with_signal"]) == (3, 3, 0)
 
 
 def test_two_process_grpo(trained, demo_root, tmp_path):

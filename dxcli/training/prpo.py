@@ -214,7 +214,8 @@ def resume(state: PrpoState) -> None:
     client = saved_state.load_training_state(state.engine, Path(state.job.run_dir) / "checkpoints", state.dist)
     if client:
         state.step, state.epoch, state.position = client["step"], client["epoch"], client["position"]
-        state.tally.update(client.get("tally", {}))
+        # a checkpoint from before the tally existed: assume its steps had signal rather than warn wrongly
+        state.tally.update(client.get("tally", {"steps_with_signal": state.step}))
 
 
 def count_signal(state: PrpoState, row: dict[str, Any]) -> None:
