@@ -149,7 +149,8 @@ class PrpoConfig:
     # "verdict" (only the verdict word; the marker and EOS take the mean of the response's other
     # tokens) - see tests/bench/README.md for why the second learns where the first does not
     final_credit: str = "paragraph"
-    clip: str | None = None  # CLIPModel folder or hub id for VCR; None -> VCR off
+    updates_per_rollout: int = 1  # optimizer steps per rollout (METHOD.md §13); > 1: the ratio moves, clipping acts
+    clip: str | None = None  # VCR: CLIPModel folder/hub id or "open_clip:ARCH[:PRETRAINED_OR_FILE]"; None -> off
     lexicon: str | None = None  # PCR evidence lexicon YAML; None -> dxcli/rl/lexicon.yaml
     adv_eps: float = 1e-4
     # append each rank's rollouts ({"step", "rank", "image", "texts"}: the G responses per image) to
@@ -441,6 +442,8 @@ def _validate_combinations(config: DxConfig) -> None:
         raise UsageError(f"model.lora.stages: only instruct and prpo train the LLM, got {lora.stages}")
     if hw.gpu_memory_gb < 0:
         raise UsageError(f"hardware.gpu_memory_gb must be >= 0 (0 = unknown), got {hw.gpu_memory_gb}")
+    if config.prpo.updates_per_rollout < 1:
+        raise UsageError(f"prpo.updates_per_rollout must be >= 1, got {config.prpo.updates_per_rollout}")
 
 
 def to_dict(config: DxConfig) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from dxcli.data.questions import generate_questions
 from dxcli.evaluation.detect import detect, open_detector
 from dxcli.evaluation.score import score_file
 from dxcli.jobs.prepare import has_progress
-from dxcli.jobs.stages import run_infer, run_prpo_stage, run_sft_stage
+from dxcli.jobs.stages import prpo_signal_warning, run_infer, run_prpo_stage, run_sft_stage
 
 F1_BAR, AUC_BAR = 0.75, 0.85  # the demo checks the pipeline: a working one clears these easily
 
@@ -34,6 +34,7 @@ class DemoResult:
     score_prpo: dict[str, Any]
     detection: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # repeated at the end, where they are seen
 
     @property
     def passed(self) -> bool:
@@ -95,4 +96,5 @@ def run_demo(out: Path, *, profile: str = "cpu-tiny", sets: list[str] | None = N
     bundle = open_detector(model_prpo, resolved.config)
     detection = next(detect(bundle, [test_image], max_new_tokens=resolved.config.eval.max_new_tokens)).to_json()
     (out / "detect.json").write_text(json.dumps(detection, indent=2))
-    return DemoResult(out, score, score_prpo, detection, seconds)
+    warning = prpo_signal_warning(out / "prpo")  # also when this rerun skipped the PRPO step
+    return DemoResult(out, score, score_prpo, detection, seconds, [warning] if warning else [])

@@ -31,3 +31,14 @@ def trained(tmp_path_factory, demo_root) -> dict[str, Path]:
                              say=lambda *_: None,
                              resolved=config.resolve("cpu-tiny", ["hardware.num_workers=0"]))
     return {"align": align, "instruct": instruct, "runs": runs}
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory) -> dict[str, Path]:
+    """The trivially learnable RL setting of tests/helpers_rl.py: its data tree (bright = real,
+    dark = fake) and a tiny model that answers in the format, at random (~20 s, once)."""
+    from helpers_rl import make_toy_data, train_toy_model
+
+    work = tmp_path_factory.mktemp("toy")
+    data = make_toy_data(work / "data")
+    return {"data": data, "model": train_toy_model(work / "sft", data)}

@@ -31,7 +31,7 @@ def test_prpo_and_grpo_run_and_log(trained, demo_root, tmp_path, algo, labels):
     rows = metrics(tmp_path / "rl")
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("reward", "response_tokens", "invalid_rate", "kl", "clip_fraction", "entropy", "majority_ratio",
-                "pseudo_label_accuracy", "lr"):
+                "pseudo_label_accuracy", "lr", "zero_advantage_share"):
         assert key in rows[0], key
     if algo == "prpo":
         assert {"pcr", "paragraphs"} <= set(rows[0])
@@ -80,6 +80,9 @@ def test_prpo_resume_continues(trained, demo_root, tmp_path, monkeypatch):
     rows = metrics(tmp_path / "rl")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[2]["epoch"] > rows[1]["epoch"]  # the data position moved on, nothing repeated
+    # the signal tally survives the resume: 24 new tokens never reach an answer, in any of the 3 steps
+    summary = json.loads((tmp_path / "rl" / "summary.json").read_text())
+    assert (summary["steps"], summary["steps_all_invalid"], summary["steps_with_signal"]) == (3, 3, 0)
 
 
 def test_two_process_grpo(trained, demo_root, tmp_path):
@@ -92,6 +95,29 @@ def test_two_process_grpo(trained, demo_root, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["step"] for r in metrics(out)] == [1, 2]
+    assert (out / "model" / "config.json").is_file()
+
+
+def test_two_process_prpo_under_zero2(toy, tmp_path):
+    """PRPO with VCR (a tiny CLIP) and two updates per rollout on two processes under ZeRO-2."""
+    from helpers_rl import save_tiny_hf_clip
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "rl2"
+    clip = save_tiny_hf_clip(tmp_path / "clip")
+    command = [sys.executable, "-m", "dxcli", "train", "prpo", "--model", str(toy["model"]), "--data",
+               str(toy["data"]), "--out", str(out), "--algo", "prpo", "--clip", str(clip), "--nproc-per-node", "2"]
+    for item in ["hardware.num_workers=0", "hardware.zero_stage=2", "train.log_every=1", "train.max_steps=2",
+                 "prpo.epochs=1", "prpo.max_new_tokens=8", "prpo.updates_per_rollout=2"]:
+        command += ["--set", item]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["zero_advantage_share"] < 1.0 and 0.0 <= r["vcr"] <= 1.0 for r in rows)
+    assert config.load(out / "config.yaml").hardware.zero_stage == 2
+    assert json.loads((out / "summary.json").read_text())["steps_with_signal"] == 2
+    assert "no learning signal" not in result.stderr
     assert (out / "model" / "config.json").is_file()
 
 

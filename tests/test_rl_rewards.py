@@ -9,14 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast
 
 from dxcli.base.errors import DxError
+from dxcli.rl.clip import ClipScorer
 from dxcli.rl.explain import explain, rows_from_file, summarize
 from dxcli.rl.paragraphs import Paragraph
 from dxcli.rl.rewards import (
-    ClipScorer,
     keyword,
     load_lexicon,
     paragraph_label,
@@ -24,6 +22,7 @@ from dxcli.rl.rewards import (
     pcr,
     score_response,
 )
+from helpers_rl import tiny_hf_clip
 
 VALID = ("**Skin**: no visible artifacts, natural pores.\n\n**Lighting**: inconsistent lighting.\n\n"
          "**Background**: authentic and consistent.\n\n### Answer: real")
@@ -180,29 +179,7 @@ def test_answer_override_replaces_the_parsed_answer(lexicon) -> None:
 @pytest.fixture(scope="module")
 def tiny_clip() -> ClipScorer:
     """A random CLIPModel from config with a byte-level BPE trained on the spot (no downloads)."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<unk>", "<|startoftext|>", "<|endoftext|>", "<pad>"]
-    tok.train_from_iterator(["skin texture natural lighting fake real artifacts pores"] * 10,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<|startoftext|> $A <|endoftext|>",
-        special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>",
-                                        eos_token="<|endoftext|>", pad_token="<pad>", unk_token="<unk>")
-    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    config = CLIPConfig(
-        text_config=dict(tiny, vocab_size=tok.get_vocab_size(), max_position_embeddings=16,
-                         bos_token_id=bos, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(tiny, image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return ClipScorer(CLIPModel(config), tokenizer, processor)
+    return ClipScorer(*tiny_hf_clip())
 
 
 def _images() -> list[Image.Image]:

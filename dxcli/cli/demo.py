@@ -25,6 +25,8 @@ def demo(
 
     Example: dx demo --out dx-demo
     """
+    from rich.markup import escape
+
     from dxcli.base.errors import DxError
     from dxcli.evaluation.report import print_summary
     from dxcli.pipeline import AUC_BAR, F1_BAR, run_demo
@@ -33,6 +35,8 @@ def demo(
     print_summary({"files": {"instruct": result.score, "prpo": result.score_prpo}}, console)
     d = result.detection
     console.print(f"detect {d['image']}: [bold]{d['verdict']}[/] (head P(fake) {d['head_prob']:.3f})")
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}")
     overall = result.score["overall"]
     line = f"F1 {overall['f1']:.3f} (bar {F1_BAR}), head ROC-AUC {overall.get('head_auc') or 0:.3f} (bar {AUC_BAR})"
     if not result.passed:

@@ -15,7 +15,7 @@ SetOpt = set_option("prpo.vcr_weight=0.3")
 
 def rewards(
     file: Annotated[Path, typer.Argument(help="Rollouts JSONL ({image, responses}) or an eval-infer answers file.")],
-    clip: Annotated[Optional[str], typer.Option("--clip", help="CLIPModel folder or hub id (VCR); default: prpo.clip.")] = None,
+    clip: Annotated[Optional[str], typer.Option("--clip", help="CLIP for VCR: a CLIPModel folder or hub id, or open_clip:ARCH[:PRETRAINED_OR_FILE]; default: prpo.clip.")] = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Image root for the rows' image paths.")] = None,
     no_clip: Annotated[bool, typer.Option("--no-clip", help="Skip VCR (PCR only).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON list, one object per input row.")] = False,

@@ -72,7 +72,7 @@ def prpo(
     out: OutOpt, model: ModelOpt = None, data: DataOpt = None, images: ImagesOpt = None,
     algo: Annotated[Optional[str], typer.Option("--algo", help="prpo (paragraph rewards) or grpo (baseline).")] = None,
     labels: Annotated[Optional[str], typer.Option("--labels", help="gt: ground truth; majority/none: test-time RL on unlabeled images (labels only reported).")] = None,
-    clip: Annotated[Optional[str], typer.Option("--clip", help="CLIPModel folder or hub id for the visual consistency reward (off without it).")] = None,
+    clip: Annotated[Optional[str], typer.Option("--clip", help="CLIP for the visual consistency reward (off without it): a CLIPModel folder or hub id, or open_clip:ARCH[:PRETRAINED_OR_FILE] (pip install \"dxcli\\[clip]\").")] = None,
     split: Annotated[str, typer.Option("--split", help="Split of a dataset tree to draw prompts from (test for test-time RL).")] = "train",
     domain: Annotated[Optional[list[str]], typer.Option("--domain", help="Only these domains of a dataset tree (repeatable).")] = None,
     profile: ProfileOpt = DEFAULT_PROFILE_NAME, sets: SetOpt = None, resume: ResumeOpt = False,

@@ -4,6 +4,7 @@ starting model, then the workers (in place or launched). The library entry point
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,7 @@ from dxcli.jobs import prepare
 from dxcli.jobs.launch import LaunchSpec, launch, spec_for
 from dxcli.jobs.memory import check_plan_fits
 from dxcli.model.checkpoint import resolve_model_path
+from dxcli.rl.clip import check_clip_spec
 from dxcli.training.prpo import PrpoJob
 from dxcli.training.sft import SftJob
 
@@ -59,12 +61,35 @@ def run_prpo_stage(*, out: Path, resolved: cfgmod.Resolved, model: str | None, d
     records_file, images_root = prepare.run_records(
         out, "prompt-records.jsonl", resume=resume, say=say, data=data, images=images, split=split, domains=domains,
         require_labels=config.prpo.labels == "gt" and config.prpo.algo == "grpo")
-    if config.prpo.clip and not Path(config.prpo.clip).exists() and "/" not in config.prpo.clip:
-        raise DxError(f"prpo.clip={config.prpo.clip}: not a folder nor a hub id")
+    if config.prpo.clip:
+        check_clip_spec(config.prpo.clip)
     job = PrpoJob(run_dir=str(out), config=str(out / "config.yaml"), records=str(records_file),
                   images=str(images_root), model=start, resume=resume)
     launch("prpo", job, spec_for(config, spec))
+    warning = prpo_signal_warning(out)
+    if warning:
+        say(f"warning: {warning}")
     return out / "model"
+
+
+def prpo_signal_warning(run_dir: Path) -> str | None:
+    """One plain line when no step of a finished PRPO/GRPO run had a non-zero advantage (from the
+    loop's RUN/summary.json): such a run returns a model that learned nothing from its rewards."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    if not summary.get("steps") or summary.get("steps_with_signal", 1) > 0:
+        return None
+    if summary.get("steps_all_invalid") == summary["steps"]:
+        hint = (f"no sampled response reached '### Answer:' within prpo.max_new_tokens="
+                f"{summary.get('max_new_tokens')}: raise it (--set prpo.max_new_tokens=...)")
+    else:
+        varies = "a reward that varies (--clip adds VCR), " if summary.get("algo") == "prpo" else ""
+        hint = (f"the rewards never differed within a group: try {varies}a larger prpo.group_size "
+                "or a higher prpo.temperature")
+    return (f"{summary.get('algo', 'prpo')}: no learning signal in any step (all advantages zero): "
+            f"the model did not learn from the rewards; {hint}")
 
 
 def run_infer(*, model: str, questions: Path, images: Path, out: Path, config: cfgmod.DxConfig,

@@ -15,9 +15,9 @@ from dxcli.base.errors import DxError
 from dxcli.base.images import load_rgb, safe_image_path
 from dxcli.base.jsonio import read_json_or_jsonl
 from dxcli.config import PrpoConfig
+from dxcli.rl.clip import ClipScorer, load_clip
 from dxcli.rl.objective import prpo_advantages
 from dxcli.rl.rewards import (
-    ClipScorer,
     Lexicon,
     default_lexicon,
     load_lexicon,
@@ -120,7 +120,7 @@ def explain_file(path: Path, *, images_root: Path | None, prpo: PrpoConfig, use_
     rows = rows_from_file(Path(path))
     if not rows:
         raise DxError(f"{path}: no rows to explain")
-    clip = ClipScorer.load(prpo.clip) if use_clip and prpo.clip else None
+    clip = load_clip(prpo.clip) if use_clip and prpo.clip else None
     lexicon = load_lexicon(Path(prpo.lexicon) if prpo.lexicon else None)
     return explain(rows, images_root=images_root, clip=clip, lexicon=lexicon, a=prpo.vcr_weight,
                    b=prpo.pcr_weight, eps=prpo.adv_eps)

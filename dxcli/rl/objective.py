@@ -20,6 +20,8 @@ AGGREGATIONS = ("token_mean", "seq_mean")
 def _normalise(values: list[float], eps: float) -> list[float]:
     if not values:
         return []
+    if max(values) == min(values):  # exactly 0, not rounding noise over eps: "no signal" must be exact
+        return [0.0] * len(values)
     mean = statistics.fmean(values)
     std = statistics.pstdev(values, mu=mean)
     return [(v - mean) / (std + eps) for v in values]

@@ -1,4 +1,5 @@
-"""PRPO paragraph rewards (METHOD.md §9-§10): keywords, evidence labels, PCR, VCR with a frozen CLIP.
+"""PRPO paragraph rewards (METHOD.md §9-§10): keywords, evidence labels, PCR, and the paragraph
+reward from PCR and VCR (VCR's CLIP lives in `dxcli.rl.clip`).
 
 Reward of paragraph j of a response: `R_j = a * VCR_j + b * PCR_j` (a = b = 0.5).
 - A response without a parsable answer gets R = 0 on every paragraph.
@@ -19,17 +20,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from dxcli.base.answer import LABELS, parse_answer
 from dxcli.base.errors import DxError
 from dxcli.rl.paragraphs import Paragraph, split_paragraphs
-
-if TYPE_CHECKING:
-    import torch
-    from PIL import Image
 
 DEFAULT_LEXICON = "lexicon.yaml"  # in this package
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)*")
@@ -282,106 +279,3 @@ def paragraph_rewards(scores: list[ResponseScore], vcr_values: list[list[float] 
                                  f"{len(score.pcr)} paragraphs")
             rewards.append([a * float(v) + b * p for v, p in zip(vcr, score.pcr)])
     return rewards
-
-
-# ------------------------------------------------------------------ VCR
-
-
-class ClipScorer:
-    """A frozen CLIP (`CLIPModel`) scoring keyword phrases against images."""
-
-    def __init__(self, model: Any, tokenizer: Any, image_processor: Any, device: Any = "cpu") -> None:
-        self.model = model.to(device).eval().requires_grad_(False)
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.device = device
-        self.max_text_length = int(model.config.text_config.max_position_embeddings)
-
-    @classmethod
-    def load(cls, name_or_path: str | Path, device: Any = "cpu") -> ClipScorer:
-        """From a local folder (model + tokenizer + image processor saved together) or a hub id."""
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-
-        source = str(name_or_path)
-        if source.startswith((".", "/", "~")):  # a local folder, never a hub id
-            source = str(Path(source).expanduser())
-            if not Path(source).is_dir():
-                raise DxError(f"no such CLIP model folder: {source}")
-        try:
-            model = CLIPModel.from_pretrained(source)
-            tokenizer = AutoTokenizer.from_pretrained(source)
-            image_processor = AutoImageProcessor.from_pretrained(source)
-        except (OSError, ValueError, KeyError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DxError(f"cannot load a CLIP model from '{source}': {reason}") from None
-        return cls(model, tokenizer, image_processor, device)
-
-    def image_embeddings(self, images: list[Image.Image]) -> torch.Tensor:
-        """[N, D] unit-norm embeddings; compute once per image and reuse for every keyword."""
-        import torch
-
-        if not images:
-            return torch.empty(0, self.model.config.projection_dim, device=self.device)
-        pixels = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
-        with torch.no_grad():
-            out = self.model.get_image_features(pixel_values=pixels["pixel_values"].to(self.device))
-        return _unit(out)
-
-    def text_embeddings(self, texts: list[str]) -> torch.Tensor:
-        """[K, D] unit-norm embeddings from one batched text forward."""
-        import torch
-
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_text_length,
-                               return_tensors="pt")
-        with torch.no_grad():
-            out = self.model.get_text_features(input_ids=batch["input_ids"].to(self.device),
-                                               attention_mask=batch["attention_mask"].to(self.device))
-        return _unit(out)
-
-    def vcr(self, image_emb: torch.Tensor, keywords: list[str]) -> torch.Tensor:
-        """(cos + 1) / 2 per keyword, in [0, 1], all keywords in one text pass.
-
-        `image_emb` is one embedding [D] (or [1, D]) shared by all keywords, or [K, D]: the
-        image of each keyword (index the per-image embeddings to batch a whole step).
-        """
-        import torch
-
-        if not keywords:
-            return torch.empty(0, device=image_emb.device)
-        text = self.text_embeddings(keywords)
-        image = image_emb.to(text).reshape(-1, text.shape[-1])
-        if image.shape[0] not in (1, text.shape[0]):
-            raise ValueError(f"{image.shape[0]} image embeddings for {text.shape[0]} keywords")
-        return ((image * text).sum(-1).clamp(-1.0, 1.0) + 1.0) / 2.0
-
-    def group_vcr(self, image_embs: torch.Tensor,
-                  groups: list[list[ResponseScore]]) -> list[list[list[float]]]:
-        """VCR of every paragraph of every response of every image, in ONE text pass.
-
-        `image_embs[n]` is image n's embedding and `groups[n]` its scored responses; the result
-        is indexed [image][response][paragraph].
-        """
-        keywords, owners = [], []
-        for n, group in enumerate(groups):
-            for score in group:
-                keywords += score.keywords
-                owners += [n] * len(score.keywords)
-        if not keywords:
-            return [[[] for _ in group] for group in groups]
-        values = self.vcr(image_embs[owners], keywords).tolist()
-        result, cursor = [], 0
-        for group in groups:
-            per_image = []
-            for score in group:
-                per_image.append(values[cursor : cursor + len(score.keywords)])
-                cursor += len(score.keywords)
-            result.append(per_image)
-        return result
-
-
-def _unit(features: Any) -> torch.Tensor:
-    """Normalise CLIP features (transformers 5 returns an output object with `pooler_output`)."""
-    import torch
-
-    tensor = features if isinstance(features, torch.Tensor) else features.pooler_output
-    return torch.nn.functional.normalize(tensor.float(), dim=-1)

@@ -3,15 +3,20 @@
 Each step: a batch of images -> G samples per image from the CURRENT weights (`rollout`: one
 batched generate; image features computed once and reused by all G samples and by the log-prob
 pass) -> advantages (`dxcli.rl.advantages`) -> log-probs WITH the image -> clipped surrogate
-(+ k3 KL when beta > 0) -> one optimizer step. With one PPO epoch the old log-probs equal the
-current ones, detached: no extra forward pass. The vision tower, projector and head stay frozen.
+(+ k3 KL when beta > 0) -> `prpo.updates_per_rollout` optimizer steps. With one update the old
+log-probs equal the current ones, detached: no extra forward pass; with several they are recorded
+once, before the first. The vision tower, projector and head stay frozen.
+
+The run ends with RUN/summary.json (steps, steps with a non-zero advantage, ...), from which the
+parent tells the user when a run had no learning signal at all.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +28,9 @@ from dxcli.base.jsonio import dumps_line
 from dxcli.data.records import load_records
 from dxcli.model.checkpoint import load_checkpoint
 from dxcli.model.lora import apply_lora
+from dxcli.rl.clip import load_clip
 from dxcli.rl.objective import policy_loss
-from dxcli.rl.rewards import ClipScorer, load_lexicon
+from dxcli.rl.rewards import load_lexicon
 from dxcli.runtime import env
 from dxcli.runtime.dist import Dist, init_distributed, mean_over_ranks
 from dxcli.runtime.interrupt import StopRequest
@@ -64,6 +70,8 @@ class PrpoState:
     step: int = 0
     epoch: int = 0
     position: int = 0  # images of this epoch's shard already used
+    # steps (over all ranks) with some non-zero advantage, and steps where no answer was valid
+    tally: dict[str, int] = field(default_factory=lambda: {"steps_with_signal": 0, "steps_all_invalid": 0})
 
 
 def setup(job: PrpoJob) -> PrpoState:
@@ -84,7 +92,7 @@ def setup(job: PrpoJob) -> PrpoState:
     if p.beta > 0 and not lora:  # with LoRA the reference is the policy, adapters off: no copy
         reference = load_checkpoint(job.model, dtype=env.torch_dtype(hw.precision)).model.to(dist.device).eval()
         reference.requires_grad_(False)
-    clip = ClipScorer.load(p.clip, dist.device) if (p.algo == "prpo" and p.clip) else None
+    clip = load_clip(p.clip, dist.device) if (p.algo == "prpo" and p.clip) else None
     # the prompts: every rank its own shard of images
     records = load_records(Path(job.records))
     sampler = ResumableShardSampler(len(records), dist.rank, dist.world, cfg.train.seed)
@@ -100,13 +108,15 @@ def setup(job: PrpoJob) -> PrpoState:
     per_chunk = math.ceil(sequences / chunks)
     ds_config.update(train_micro_batch_size_per_gpu=per_chunk, gradient_accumulation_steps=chunks,
                      train_batch_size=per_chunk * chunks * dist.world)
-    engine, scheduler = ds.initialize(bundle.model, ds_config, total_steps, cfg.train.warmup_ratio)
+    # the schedule counts optimizer steps: several per rollout when updates_per_rollout > 1
+    engine, scheduler = ds.initialize(bundle.model, ds_config, total_steps * p.updates_per_rollout,
+                                      cfg.train.warmup_ratio)
     bundle.model = engine.module
     if dist.main:
         tuning = f"LoRA r={cfg.model.lora.r}" + (" (reference: adapters off)" if p.beta > 0 else "") if lora else "full"
         print(f"[{p.algo}] labels={p.labels} G={p.group_size} images/step/rank={p.images_per_step} "
-              f"VCR={'on' if clip else 'off'} beta={p.beta} {tuning}; {len(records)} prompts; {total_steps} steps",
-              flush=True)
+              f"VCR={clip.name if clip else 'off'} beta={p.beta} {tuning} updates/rollout={p.updates_per_rollout}; "
+              f"{len(records)} prompts; {total_steps} steps", flush=True)
     return PrpoState(job, cfg, dist, bundle, engine, scheduler, reference, clip,
                      load_lexicon(Path(p.lexicon) if p.lexicon else None), records, sampler, total_steps, chunks)
 
@@ -124,7 +134,7 @@ def next_batch(state: PrpoState) -> list:
 
 
 def train_step(state: PrpoState, batch: list) -> dict[str, Any]:
-    """Rollout on `batch`, then one optimizer step on it; returns the step's metrics (this rank)."""
+    """Rollout on `batch`, then the policy update(s) on it; returns the step's metrics (this rank)."""
     p, engine = state.cfg.prpo, state.engine
     started = time.time()
     # rollout: G samples per image from the current weights, with rewards and token advantages
@@ -170,18 +180,46 @@ def reference_logprobs(state: PrpoState, roll: Rollout, rows: slice) -> Any:
 
 
 def update(state: PrpoState, roll: Rollout) -> dict[str, float]:
+    """`prpo.updates_per_rollout` optimizer steps on one rollout (METHOD.md §13); metrics are the
+    mean over those steps (the first always has clip_fraction 0: its ratio is 1)."""
+    fixed = fixed_logprobs(state, roll)
+    steps = [policy_step(state, roll, fixed) for _ in range(state.cfg.prpo.updates_per_rollout)]
+    return {key: sum(step[key] for step in steps) / len(steps) for key in steps[0]}
+
+
+def chunk_rows(state: PrpoState, roll: Rollout) -> list[slice]:
+    """The rollout's sequences in `state.chunks` micro-batches."""
+    per_chunk = math.ceil(roll.completion_ids.shape[0] / state.chunks)
+    return [slice(c * per_chunk, (c + 1) * per_chunk) for c in range(state.chunks)]
+
+
+@torch.no_grad()
+def fixed_logprobs(state: PrpoState, roll: Rollout) -> list[tuple[Any, Any]]:
+    """(old, reference) log-probs per micro-batch, fixed for every update on this rollout.
+
+    old: under the weights that sampled the rollout, recorded before the first update; None with
+    one update per rollout, where they equal the current log-probs (detached) and cost no forward.
+    reference: the frozen start, or the policy with its LoRA adapters off (beta > 0), else None.
+    """
+    engine, several = state.engine, state.cfg.prpo.updates_per_rollout > 1
+    fixed = []
+    for rows in chunk_rows(state, roll):
+        old = completion_logprobs(engine, roll, rows, engine.device)[0] if several else None
+        fixed.append((old, reference_logprobs(state, roll, rows)))
+    return fixed
+
+
+def policy_step(state: PrpoState, roll: Rollout, fixed: list[tuple[Any, Any]]) -> dict[str, float]:
     """One optimizer step over the rollout's sequences, accumulated over `state.chunks` micro-batches."""
     p, engine = state.cfg.prpo, state.engine
     sequences = roll.completion_ids.shape[0]
-    per_chunk = math.ceil(sequences / state.chunks)
     total_tokens = roll.completion_mask.sum().clamp(min=1)
     sums = {"kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "loss": 0.0}
-    for c in range(state.chunks):
-        rows = slice(c * per_chunk, (c + 1) * per_chunk)
-        ref_logp = reference_logprobs(state, roll, rows)  # first: no policy graph is alive during it
+    for rows, (old_logp, ref_logp) in zip(chunk_rows(state, roll), fixed):
         logp, entropy = completion_logprobs(engine, roll, rows, engine.device)
         mask = roll.completion_mask[rows].to(engine.device).float()
-        loss, info = policy_loss(logp, logp.detach(), roll.advantages[rows].to(engine.device), mask,
+        old_logp = logp.detach() if old_logp is None else old_logp
+        loss, info = policy_loss(logp, old_logp, roll.advantages[rows].to(engine.device), mask,
                                  eps_low=p.eps_low, eps_high=p.eps_high, beta=p.beta, ref_logp=ref_logp,
                                  agg=p.loss_agg)
         # each chunk's mean is reweighted so the step optimises the mean over the whole batch;
@@ -199,7 +237,7 @@ def update(state: PrpoState, roll: Rollout) -> dict[str, float]:
 
 def checkpoint(state: PrpoState) -> None:
     saved_state.save_training_state(state.engine, Path(state.job.run_dir) / "checkpoints", state.step,
-                                    {"epoch": state.epoch, "position": state.position},
+                                    {"epoch": state.epoch, "position": state.position, "tally": state.tally},
                                     state.cfg.train.keep_checkpoints, state.dist)
 
 
@@ -210,10 +248,28 @@ def resume(state: PrpoState, log: MetricsLog) -> None:
         log.drop_after(state.step)
         if state.dist.main:
             print(f"[{state.cfg.prpo.algo}] resumed from {client['tag']} (step {state.step})", flush=True)
+        # a checkpoint from before the tally existed: assume its steps had signal rather than warn wrongly
+        state.tally.update(client.get("tally", {"steps_with_signal": state.step}))
+
+
+def count_signal(state: PrpoState, row: dict[str, Any]) -> None:
+    """Tally the step (its metrics already averaged over ranks): did any rollout have a non-zero
+    advantage, and was every answer invalid? (A rank with signal is enough: gradients are averaged.)"""
+    state.tally["steps_with_signal"] += int(row["zero_advantage_share"] < 1.0)
+    state.tally["steps_all_invalid"] += int(row["invalid_rate"] >= 1.0)
+
+
+def write_summary(state: PrpoState) -> None:
+    """RUN/summary.json: what the parent needs to say whether the run could learn at all."""
+    if state.dist.main:
+        p = state.cfg.prpo
+        summary = {"algo": p.algo, "steps": state.step, **state.tally, "max_new_tokens": p.max_new_tokens}
+        (Path(state.job.run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def save(state: PrpoState) -> Path:
     checkpoint(state)
+    write_summary(state)
     return saved_state.finish(state.engine, state.bundle, Path(state.job.run_dir), state.cfg.hardware.zero_stage,
                               state.dist, state.cfg.prpo.algo)
 
@@ -235,6 +291,7 @@ def train_loop(state: PrpoState, log: MetricsLog) -> None:
     with StopRequest(state.dist, train.save_every_minutes) as stop:
         while state.step < state.total_steps:
             row = mean_over_ranks(train_step(state, next_batch(state)), state.dist)
+            count_signal(state, row)
             if state.step % train.log_every == 0 or state.step == state.total_steps:
                 log.write(row)
             progress.update(state.step, {k: row[k] for k in ("reward", "invalid_rate", "response_tokens", "kl")

@@ -56,6 +56,8 @@ def rollout(bundle, images, questions, labels, *, cfg: PrpoConfig, clip, lexicon
         response_tokens=mean([len(ids) for ids in gen.token_ids]),
         invalid_rate=mean([float(a is None) for a in answers]),
         majority_ratio=mean([ratio for _, ratio in majorities]),
+        # rollouts that teach nothing: every token's advantage is 0 (equal rewards within the group)
+        zero_advantage_share=1.0 - (advantages != 0).any(dim=1).float().mean().item(),
     )
     known = [i for i, label in enumerate(labels) if label is not None]
     if known:

@@ -1,7 +1,7 @@
 """Does PRPO learn? N steps of `dx train prpo` from a deliberately weak tiny instruct checkpoint.
 
 Run: python tests/bench/bench_prpo_learning.py [--steps 60] [--lr 5e-5] [--group-size 4]
-     [--algo prpo|grpo] [--final-credit paragraph|verdict] [--keep DIR]
+     [--algo prpo|grpo] [--final-credit paragraph|verdict] [--updates-per-rollout N] [--keep DIR]
 
 On the demo data (smaller than `dx demo`'s, for speed) with the cpu-tiny profile, offline, ~2 min
 on 2 cores: demo data -> align (6 steps) -> instruct cut short (`--instruct-steps`, so a good share
@@ -35,7 +35,8 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ROLLOUT_KEYS = ("pcr", "final_pcr", "invalid_rate", "reward", "answer_accuracy", "response_tokens")
+ROLLOUT_KEYS = ("pcr", "final_pcr", "invalid_rate", "reward", "answer_accuracy", "response_tokens",
+                "zero_advantage_share", "clip_fraction")
 EVAL_KEYS = ("pcr", "final_pcr", "invalid_rate", "answer_accuracy", "response_tokens")
 
 
@@ -54,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-test", type=int, default=24, help="demo test images per domain")
     parser.add_argument("--final-credit", choices=("paragraph", "verdict"), default="paragraph",
                         help="prpo.final_credit (paragraph: METHOD.md §11; verdict: only the verdict word)")
+    parser.add_argument("--updates-per-rollout", type=int, default=1, help="prpo.updates_per_rollout")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="extra --set for the PRPO run")
     parser.add_argument("--keep", type=Path, default=None,
                         help="work folder, kept and reused (data, align, instruct); default: a temp folder")
@@ -95,7 +97,8 @@ def prpo_sets(args: argparse.Namespace) -> list[str]:
             f"prpo.temperature={args.temperature}", f"prpo.top_p={args.top_p}",
             f"prpo.max_new_tokens={args.max_new_tokens}",
             f"hardware.micro_batch={args.group_size * args.images_per_step}",
-            f"prpo.final_credit={args.final_credit}", *args.sets]
+            f"prpo.final_credit={args.final_credit}", f"prpo.updates_per_rollout={args.updates_per_rollout}",
+            *args.sets]
 
 
 def run_prpo(work: Path, data: Path, instruct: Path, args: argparse.Namespace) -> tuple[Path, list[dict]]:
@@ -164,10 +167,11 @@ def window_mean(rows: list[dict], key: str) -> float | None:
 
 
 def print_table(title: str, keys: tuple[str, ...], rows: dict[str, dict[str, float | None]]) -> None:
-    print(f"\n{title:<22}" + "".join(f"{k:>16}" for k in keys))
+    widths = [max(16, len(k) + 2) for k in keys]
+    print(f"\n{title:<22}" + "".join(f"{k:>{w}}" for k, w in zip(keys, widths)))
     for name, values in rows.items():
         cells = [values.get(k) for k in keys]
-        print(f"{name:<22}" + "".join(f"{'-':>16}" if v is None else f"{v:>16.3f}" for v in cells))
+        print(f"{name:<22}" + "".join(f"{'-':>{w}}" if v is None else f"{v:>{w}.3f}" for v, w in zip(cells, widths)))
 
 
 def main() -> int:
@@ -205,7 +209,8 @@ def main() -> int:
     training = {name: {k: window_mean(part, k) for k in ROLLOUT_KEYS} for name, part in windows.items()}
     print(f"\n{args.algo.upper()} from a weak instruct ({args.instruct_steps} steps): {len(rows)} steps, "
           f"G={args.group_size}, {args.images_per_step} images/step, lr={args.lr}, T={args.temperature}, "
-          f"top_p={args.top_p}, max_new_tokens={args.max_new_tokens}, VCR off, final_credit={args.final_credit}; "
+          f"top_p={args.top_p}, max_new_tokens={args.max_new_tokens}, VCR off, final_credit={args.final_credit}, "
+          f"updates/rollout={args.updates_per_rollout}; "
           f"{time.time() - started:.0f} s in all")
     print_table("training rollouts", ROLLOUT_KEYS, training)
     print_table("test, sampled", EVAL_KEYS, {"before": sampled_before, "after": sampled_after})
@@ -214,6 +219,7 @@ def main() -> int:
     print(json.dumps({"bench": "prpo_learning", "algo": args.algo, "final_credit": args.final_credit, "steps": len(rows),
                       "lr": args.lr, "group_size": args.group_size, "images_per_step": args.images_per_step,
                       "temperature": args.temperature, "top_p": args.top_p, "instruct_steps": args.instruct_steps,
+                      "updates_per_rollout": args.updates_per_rollout,
                       "training": training, "sampled_before": sampled_before, "sampled_after": sampled_after,
                       "greedy_before": greedy_before, "greedy_after": greedy_after,
                       "seconds": {k: round(v, 1) for k, v in seconds.items()}}))
