@@ -143,6 +143,10 @@ class DxLlavaForConditionalGeneration(FastVlmForConditionalGeneration):
             "head": list(self.binary_head.parameters()),
         }
 
+    def image_side(self) -> list[nn.Module]:
+        """The modules `image_features` and the head run through: tower, projector, head."""
+        return [self.model.vision_tower, self.model.multi_modal_projector, self.binary_head]
+
     def freeze(self, vision: bool, llm: bool, projector: bool, head: bool) -> None:
         """True freezes a part (requires_grad False), False makes it trainable.
 
