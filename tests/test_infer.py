@@ -158,3 +158,27 @@ def test_plain_transformers_loads_the_model_and_generates_dx_text(trained, demo_
     assert type(model).__name__ == "FastVlmForConditionalGeneration"
     modes = {f.name: f.stat().st_mode & 0o777 for f in path.iterdir()}
     assert modes["model.safetensors"] == modes["config.json"]
+
+
+def test_head_only_load_skips_the_llm_and_tokenizer_with_the_same_figures(trained, demo_root, tmp_path):
+    """`detect --no-reasoning` loads the image side only; its head probabilities are the full model's."""
+    import torch
+
+    from dxcli.base.images import load_rgb
+    from dxcli.model.checkpoint import load_checkpoint, load_image_side, save_checkpoint
+    from dxcli.model.generate import encode_images
+
+    images = [load_rgb(p) for p in sorted(demo_root.glob("*/test/*/*.png"))[:4]]
+    for dtype in (None, torch.bfloat16):  # as trained (fp32), and a bf16 checkpoint as GPU runs save
+        path = trained["instruct"]
+        if dtype is not None:
+            path = tmp_path / "bf16"
+            save_checkpoint(load_checkpoint(trained["instruct"], dtype=dtype), path)
+        full, head = load_checkpoint(path), load_image_side(path)
+        full.model.eval()
+        assert head.tokenizer is None
+        assert all(p.is_meta for p in head.model.model.language_model.parameters())  # never read
+        for whole, part in zip(full.model.image_side(), head.model.image_side()):
+            ours = part.state_dict()
+            assert all(t.dtype == ours[k].dtype and torch.equal(t, ours[k]) for k, t in whole.state_dict().items())
+        assert encode_images(head, images)[1] == encode_images(full, images)[1]

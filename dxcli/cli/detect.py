@@ -33,7 +33,7 @@ def detect(
 
     resolved = resolve_config(profile, sets, {"eval.max_new_tokens": max_new_tokens}, show=False)
     paths = expand_inputs(inputs)
-    bundle = open_detector(model, resolved.config)
+    bundle = open_detector(model, resolved.config, reasoning=not no_reasoning)
     failed = 0
     for found in run_detect(bundle, paths, max_new_tokens=resolved.config.eval.max_new_tokens,
                             reasoning=not no_reasoning):

@@ -13,7 +13,8 @@ from dxcli.base.errors import DxError, UsageError
 from dxcli.base.images import IMAGE_EXTS, load_rgb
 from dxcli.base.template import DEFAULT_QUESTION
 from dxcli.config import DxConfig
-from dxcli.model.checkpoint import load_checkpoint, resolve_model_path
+from dxcli.model.build import ModelBundle
+from dxcli.model.checkpoint import load_checkpoint, load_image_side, resolve_model_path
 from dxcli.model.generate import encode_images, generate
 from dxcli.runtime import env
 from dxcli.runtime.dist import from_env
@@ -45,16 +46,26 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def open_detector(model: str | None, config: DxConfig):
+def open_detector(model: str | None, config: DxConfig, reasoning: bool = True) -> ModelBundle:
     """The model `detect` runs: `model` (a checkpoint or run folder) or the profile's model.path,
-    on this machine's GPU when it has one, with the profile's thread count."""
+    on this machine's GPU when it has one, with the profile's thread count.
+
+    Without reasoning only the image side is loaded (tower, projector, head; no LLM weights, no
+    tokenizer): the head's probability needs nothing else.
+    """
     checkpoint = resolve_model_path(model) or config.model.path
     if checkpoint is None:
         raise DxError("pass --model CHECKPOINT (a dx checkpoint or run folder)")
     env.set_threads(config.hardware.threads)
-    env.quiet_libraries()
-    bundle = load_checkpoint(checkpoint)
-    bundle.model.to(from_env().device).eval()
+    env.quiet_libraries()  # transformers' weight-loading bar is noise before a one-line verdict
+    if reasoning:
+        bundle = load_checkpoint(checkpoint)
+        bundle.model.to(from_env().device)
+    else:
+        bundle = load_image_side(checkpoint)
+        for module in bundle.model.image_side():  # the LLM may be on the meta device: it stays there
+            module.to(from_env().device)
+    bundle.model.eval()
     return bundle
 
 

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from dxcli.base.errors import DxError
 from dxcli.config import ModelConfig
 from dxcli.model.build import ModelBundle, build_tiny, compose, preview, summarise, unexpected_note
-from dxcli.model.dxllava import DxLlavaForConditionalGeneration
+from dxcli.model.dxllava import DxLlavaConfig, DxLlavaForConditionalGeneration
+
+# state-dict prefixes of what the binary head reads (`DxLlavaForConditionalGeneration.image_side`)
+IMAGE_SIDE = ("model.vision_tower.", "model.multi_modal_projector.", "binary_head.")
 
 
 def save_checkpoint(bundle: ModelBundle, path: str | Path, state_dict: dict | None = None) -> None:
@@ -40,15 +45,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> Model
     """Model, tokenizer and processor from a dx checkpoint folder (dtype None: as saved)."""
     from transformers import LlavaProcessor
 
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise DxError(f"not a dx checkpoint: {path} has no config.json" if path.is_dir()
-                      else f"checkpoint folder not found: {path}")
-    saved = json.loads(config_file.read_text(encoding="utf-8"))
-    if "head_hidden" not in saved:  # a plain LLM or VLM folder: no binary head to load
-        raise DxError(f"not a dx checkpoint: {path} holds a '{saved.get('model_type')}' model without dx's "
-                      "binary head (compose one with model.llm/model.vision instead)")
+    path = checked_folder(path)
     model, info = DxLlavaForConditionalGeneration.from_pretrained(
         path, dtype=dtype or "auto", output_loading_info=True
     )
@@ -63,6 +60,78 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> Model
                          notes=unexpected_note(f"checkpoint {path}", info.get("unexpected_keys")))
     summarise(bundle, f"checkpoint {path}")
     return bundle
+
+
+def checked_folder(path: str | Path) -> Path:
+    """`path` when it is a dx checkpoint folder, else a DxError saying what it is."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise DxError(f"not a dx checkpoint: {path} has no config.json" if path.is_dir()
+                      else f"checkpoint folder not found: {path}")
+    saved = json.loads(config_file.read_text(encoding="utf-8"))
+    if "head_hidden" not in saved:  # a plain LLM or VLM folder: no binary head to load
+        raise DxError(f"not a dx checkpoint: {path} holds a '{saved.get('model_type')}' model without dx's "
+                      "binary head (compose one with model.llm/model.vision instead)")
+    return path
+
+
+@dataclass
+class ImageProcessing:
+    """The processor of a bundle loaded without its tokenizer: image preprocessing only."""
+
+    image_processor: Any
+
+
+def load_image_side(path: str | Path, dtype: torch.dtype | None = None) -> ModelBundle:
+    """What the binary head needs and only that: the tower, projector and head tensors of a dx
+    checkpoint and its image processor (tokenizer None). The LLM is built on the meta device: no
+    memory, never read from disk (for a 7B checkpoint, about 95% of its bytes).
+
+    The tensors take the dtype `from_pretrained(dtype="auto")` gives them (the config's), so the
+    head's probabilities are the full model's. A checkpoint this cannot serve whole (no safetensors,
+    a tensor missing, a buffer computed at init) is loaded in full instead: slower, same figures.
+    """
+    from transformers import AutoImageProcessor
+
+    path = checked_folder(path)
+    config = DxLlavaConfig.from_pretrained(path)
+    state = image_side_tensors(path)
+    if not state:
+        return load_checkpoint(path, dtype)
+    with torch.device("meta"):
+        model = DxLlavaForConditionalGeneration(config)
+    target = dtype or _config_dtype(config) or next(t.dtype for t in state.values() if t.is_floating_point())
+    model.load_state_dict({k: t.to(target) if t.is_floating_point() else t for k, t in state.items()},
+                          strict=False, assign=True)
+    tensors = [t for module in model.image_side() for t in [*module.parameters(), *module.buffers()]]
+    if any(t.is_meta for t in tensors):
+        return load_checkpoint(path, dtype)
+    model.eval()
+    return ModelBundle(model, None, ImageProcessing(AutoImageProcessor.from_pretrained(path)))
+
+
+def image_side_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tower, projector and head tensors read from the checkpoint's safetensors ({} when it has none);
+    with a sharded checkpoint, only the shards that hold them are opened."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted({path / f for k, f in weight_map.items() if k.startswith(IMAGE_SIDE)})
+    else:
+        files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            state.update({k: handle.get_tensor(k) for k in handle.keys() if k.startswith(IMAGE_SIDE)})
+    return state
+
+
+def _config_dtype(config: DxLlavaConfig) -> torch.dtype | None:
+    value = getattr(config, "dtype", None)
+    return getattr(torch, value) if isinstance(value, str) else value
 
 
 def build_model(cfg: ModelConfig, texts: list[str] | None = None, dtype: torch.dtype | None = None) -> ModelBundle:

@@ -155,6 +155,10 @@ class DxLlavaForConditionalGeneration(FastVlmForConditionalGeneration):
             "adapters": [p for name, p in llm if ADAPTER_MARK in name],
         }
 
+    def image_side(self) -> list[nn.Module]:
+        """The modules `image_features` and the head run through: tower, projector, head."""
+        return [self.model.vision_tower, self.model.multi_modal_projector, self.binary_head]
+
     def freeze(self, vision: bool, llm: bool, projector: bool, head: bool) -> None:
         """True freezes a part (requires_grad False), False makes it trainable.
 

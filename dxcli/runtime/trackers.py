@@ -64,12 +64,15 @@ class WandbTracker:
 
         run_dir = Path(run_dir)
         (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(
-            dir=str(run_dir), mode=os.environ.get("WANDB_MODE", "offline"),
-            project=os.environ.get("WANDB_PROJECT", "dx"), name=run_dir.resolve().name,
-            id=wandb_run_id(run_dir), resume="allow", config=dict(config or {}),
-            # console capture would wrap dx's own output and progress bar
-            settings=wandb.Settings(console="off", silent=True))
+        mode = os.environ.get("WANDB_MODE", "offline")
+        try:
+            self.run = wandb.init(
+                dir=str(run_dir), mode=mode, project=os.environ.get("WANDB_PROJECT", "dx"),
+                name=run_dir.resolve().name, id=wandb_run_id(run_dir), resume="allow", config=dict(config or {}),
+                # console capture would wrap dx's own output and progress bar
+                settings=wandb.Settings(console="off", silent=True))
+        except Exception as exc:  # no login or no network when online: the user's to fix, in one line
+            raise DxError(f"W&B did not start (WANDB_MODE={mode}): {exc}; unset WANDB_MODE to log offline") from None
 
     def log(self, values: dict[str, float], step: int | None) -> None:
         self.run.log(values, step=step)
