@@ -47,8 +47,8 @@ def open_detector(model: str | None, config: DxConfig):
     if checkpoint is None:
         raise DxError("pass --model CHECKPOINT (a dx checkpoint or run folder)")
     env.set_threads(config.hardware.threads)
-    bundle = load_checkpoint(checkpoint)
-    bundle.model.to(from_env().device).eval()
+    bundle = load_checkpoint(checkpoint, attn_implementation=config.model.attn_implementation)
+    bundle.model.to(from_env().device).eval()  # Dist.device: cuda when there is a GPU
     return bundle
 
 
