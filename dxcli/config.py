@@ -68,6 +68,9 @@ class ModelConfig:
     download: bool = False
     image_size: int = 320
     head_hidden: int = 512
+    # the LLM's attention kernel: sdpa (PyTorch's fused attention, the default), eager, or
+    # flash_attention_2 (needs the flash-attn package and a CUDA GPU; refused before a run otherwise)
+    attn_implementation: str = "sdpa"
     # Model shapes for the memory planner (`dx profiles show --memory`), so it needs no download:
     # a file name in dxcli/profiles/models/ without .json (e.g. "dx-llava-7b"), or a path to such a
     # file or to an LLM's HF config.json. None: the tiny preset's keys, or model.llm/config.json.
@@ -298,6 +301,7 @@ _CHOICES = {
     "loss_agg": ("token_mean", "seq_mean"),
     "final_credit": ("paragraph", "verdict"),
     "report_to": ("tensorboard", "wandb"),  # a list: each item is checked
+    "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
 }
 
 

@@ -294,3 +294,44 @@ def test_a_hub_id_missing_from_the_cache_fails_at_once_saying_what_to_do(monkeyp
     with pytest.raises(DxError, match="hf download some-org/no-such-model"):
         compose(ModelConfig(llm="some-org/no-such-model"))
     assert attempts == []
+
+
+def test_composition_loads_in_the_runs_dtype_with_its_attention(parts, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    asked = []
+    original = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("dtype"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    bundle = build_model(compose_cfg(parts, attn_implementation="eager"), dtype=torch.bfloat16)
+    assert asked == [torch.bfloat16]  # the LLM is read in bf16, never as a float32 copy first
+    assert {p.dtype for p in bundle.model.parameters()} == {torch.bfloat16}
+    assert bundle.model.config.text_config._attn_implementation == "eager"
+
+
+def test_attention_kernel_is_applied_and_a_missing_one_is_one_line(tmp_path):
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from dxcli.cli.main import app
+
+    bundle = build_model(tiny_cfg(attn_implementation="eager"), TEXTS)
+    assert bundle.model.config.text_config._attn_implementation == "eager"
+    save_checkpoint(bundle, tmp_path / "ckpt")
+    for kernel in ("eager", "sdpa"):
+        loaded = load_checkpoint(tmp_path / "ckpt", attn_implementation=kernel).model
+        assert loaded.model.language_model.config._attn_implementation == kernel
+    if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
+        pytest.skip("flash-attn is usable here")
+    with pytest.raises(DxError, match="flash") as info:
+        load_checkpoint(tmp_path / "ckpt", attn_implementation="flash_attention_2")
+    assert "\n" not in str(info.value)
+    out = tmp_path / "run"  # the CLI refuses it before reading data or loading anything
+    result = CliRunner().invoke(app, ["train", "instruct", "--data", str(tmp_path / "absent"), "--out", str(out),
+                                      "--set", "model.attn_implementation=flash_attention_2"], terminal_width=400)
+    assert result.exit_code == 1 and "flash" in result.output and not out.exists()

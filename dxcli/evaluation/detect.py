@@ -59,7 +59,7 @@ def open_detector(model: str | None, config: DxConfig, reasoning: bool = True) -
     env.set_threads(config.hardware.threads)
     env.quiet_libraries()  # transformers' weight-loading bar is noise before a one-line verdict
     if reasoning:
-        bundle = load_checkpoint(checkpoint)
+        bundle = load_checkpoint(checkpoint, attn_implementation=config.model.attn_implementation)
         bundle.model.to(from_env().device)
     else:
         bundle = load_image_side(checkpoint)

@@ -126,8 +126,9 @@ def run(job: InferJob) -> None:
     if not todo:
         return
     env.set_threads(cfg.hardware.threads)
-    bundle = load_checkpoint(job.model, dtype=env.torch_dtype(cfg.hardware.precision))
-    bundle.model.to(dist.device).eval()
+    bundle = load_checkpoint(job.model, dtype=env.torch_dtype(cfg.hardware.precision),
+                             attn_implementation=cfg.model.attn_implementation)
+    bundle.model.to(dist.device).eval()  # this rank's GPU when there is one (Dist.device)
     name = model_name(job.model)
     progress = ProgressView(len(todo), "infer", dist.main)
     started, finished = time.time(), 0

@@ -17,17 +17,21 @@ from dxcli.evaluation.infer import InferJob, load_questions, merge_outputs
 from dxcli.jobs import prepare
 from dxcli.jobs.launch import LaunchSpec, launch, spec_for
 from dxcli.jobs.memory import check_plan_fits
-from dxcli.model.checkpoint import resolve_model_path
+from dxcli.model.checkpoint import check_attention, resolve_model_path
 from dxcli.rl.clip import check_clip_spec
 from dxcli.training.prpo import PrpoJob
 from dxcli.training.sft import SftJob
 
 
-def memory_check(stage: str) -> Callable[[cfgmod.DxConfig], None]:
-    """The planner's verdict before anything is loaded or launched: a plan over hardware.gpu_memory_gb
-    is refused in one line with a `--set` that fits (no-op when the capacity is 0, as on cpu-tiny, or
-    with hardware.skip_memory_check=true). Minutes of loading a 7B model would otherwise end in an OOM."""
-    return lambda config: check_plan_fits(config, stage)
+def preflight(stage: str) -> Callable[[cfgmod.DxConfig], None]:
+    """Checks before anything is loaded or launched, each a one-line error: the attention kernel
+    is available, and the memory plan fits hardware.gpu_memory_gb (refused with a `--set` that fits;
+    no-op when the capacity is 0, as on cpu-tiny, or with hardware.skip_memory_check=true). Minutes
+    of loading a 7B model would otherwise end in an ImportError or an OOM."""
+    def check(config: cfgmod.DxConfig) -> None:
+        check_attention(config.model.attn_implementation)
+        check_plan_fits(config, stage)
+    return check
 
 
 def run_sft_stage(stage: str, *, out: Path, resolved: cfgmod.Resolved, data: Path | None = None,
@@ -36,7 +40,7 @@ def run_sft_stage(stage: str, *, out: Path, resolved: cfgmod.Resolved, data: Pat
                   say: Callable[[str], None] = print) -> Path:
     """align or instruct; returns the saved model folder (RUN/model)."""
     out = Path(out)
-    config = prepare.open_run_dir(out, resolved, resume=resume, force=force, check=memory_check(stage))
+    config = prepare.open_run_dir(out, resolved, resume=resume, force=force, check=preflight(stage))
     records_file, images_root = prepare.run_records(out, "train-records.jsonl", resume=resume, say=say,
                                                     data=data, images=images, skip_bad=skip_bad)
     start = prepare.starting_model(model, config, out, lambda: [r.answer for r in load_records(records_file)])
@@ -52,7 +56,7 @@ def run_prpo_stage(*, out: Path, resolved: cfgmod.Resolved, model: str | None, d
                    say: Callable[[str], None] = print) -> Path:
     """PRPO / GRPO from an SFT checkpoint; returns RUN/model."""
     out = Path(out)
-    config = prepare.open_run_dir(out, resolved, resume=resume, force=force, check=memory_check("prpo"))
+    config = prepare.open_run_dir(out, resolved, resume=resume, force=force, check=preflight("prpo"))
     start = resolve_model_path(model) or config.model.path
     if start is None:
         raise UsageError("--model is required: the instruct (SFT) checkpoint or run folder to start from")
@@ -105,6 +109,7 @@ def run_infer(*, model: str, questions: Path, images: Path, out: Path, config: c
     if not Path(questions).is_file():
         raise UsageError(f"--questions {questions}: no such file")
     load_questions(Path(questions))  # fail here, before any worker starts, on a bad file
+    check_attention(config.model.attn_implementation)
     if not Path(images).is_dir():
         raise UsageError(f"--images {images}: no such folder")
     out = Path(out)

@@ -3,6 +3,7 @@ from a config (checkpoint, tiny preset or composition)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -41,13 +42,28 @@ def _readable_like_other_files(path: Path) -> None:
             file.chmod(0o666 & ~mask)
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> ModelBundle:
-    """Model, tokenizer and processor from a dx checkpoint folder (dtype None: as saved)."""
+def check_attention(attn_implementation: str | None) -> None:
+    """A one-line error, before any weight is read, for an attention kernel this machine lacks
+    (transformers would fail later, deep in the load, with a traceback)."""
+    if attn_implementation != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        raise DxError("model.attn_implementation=flash_attention_2 needs the flash-attn package "
+                      "(pip install flash-attn); the default sdpa needs nothing")
+    if not torch.cuda.is_available():
+        raise DxError("model.attn_implementation=flash_attention_2 runs on CUDA GPUs only; use sdpa here")
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
+                    attn_implementation: str | None = None) -> ModelBundle:
+    """Model, tokenizer and processor from a dx checkpoint folder (dtype None: as saved;
+    attn_implementation None: transformers' default, sdpa where PyTorch has it)."""
     from transformers import LlavaProcessor
 
+    check_attention(attn_implementation)
     path = checked_folder(path)
     model, info = DxLlavaForConditionalGeneration.from_pretrained(
-        path, dtype=dtype or "auto", output_loading_info=True
+        path, dtype=dtype or "auto", attn_implementation=attn_implementation, output_loading_info=True
     )
     missing = sorted(info.get("missing_keys") or [])
     if missing:
@@ -135,14 +151,19 @@ def _config_dtype(config: DxLlavaConfig) -> torch.dtype | None:
 
 
 def build_model(cfg: ModelConfig, texts: list[str] | None = None, dtype: torch.dtype | None = None) -> ModelBundle:
-    """The one entry point: `cfg.path` -> checkpoint; preset tiny -> build_tiny; else compose."""
+    """The one entry point: `cfg.path` -> checkpoint; preset tiny -> build_tiny; else compose.
+    `dtype` is the run's precision: a composed 7B LLM loads in bf16 directly, not via float32."""
     if cfg.path:
-        return load_checkpoint(cfg.path, dtype=dtype)
+        return load_checkpoint(cfg.path, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    check_attention(cfg.attn_implementation)
     if cfg.preset == "tiny":
         if texts is None:
             raise DxError("the tiny preset trains its tokenizer on the records' text: pass texts")
-        return build_tiny(cfg, texts, dtype=dtype)
-    return compose(cfg, dtype=dtype)
+        bundle = build_tiny(cfg, texts, dtype=dtype)
+    else:
+        bundle = compose(cfg, dtype=dtype)
+    bundle.model.set_attn_implementation(cfg.attn_implementation)
+    return bundle
 
 
 def resolve_model_path(model: str | None) -> str | None:

@@ -81,7 +81,8 @@ def setup(job: PrpoJob) -> PrpoState:
     env.seed_everything(cfg.train.seed + dist.rank)  # ranks must sample different rollouts
     env.set_threads(hw.threads)
     # the policy: only the LLM learns
-    bundle = load_checkpoint(job.model)
+    attn = cfg.model.attn_implementation
+    bundle = load_checkpoint(job.model, attn_implementation=attn)
     lora = cfg.model.lora.rank_for("prpo") > 0
     if lora:
         bundle.model = apply_lora(bundle.model, cfg.model.lora)
@@ -90,7 +91,8 @@ def setup(job: PrpoJob) -> PrpoState:
         bundle.model.gradient_checkpointing_enable()
     reference = None
     if p.beta > 0 and not lora:  # with LoRA the reference is the policy, adapters off: no copy
-        reference = load_checkpoint(job.model, dtype=env.torch_dtype(hw.precision)).model.to(dist.device).eval()
+        reference = load_checkpoint(job.model, dtype=env.torch_dtype(hw.precision),
+                                    attn_implementation=attn).model.to(dist.device).eval()
         reference.requires_grad_(False)
     clip = load_clip(p.clip, dist.device) if (p.algo == "prpo" and p.clip) else None
     # the prompts: every rank its own shard of images

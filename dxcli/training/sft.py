@@ -88,7 +88,11 @@ def setup(job: SftJob) -> SftState:
     hw = cfg.hardware
     # the model: a checkpoint (or the composed one), with this stage's trainable parts
     records = load_records(Path(job.records))
-    bundle = load_checkpoint(job.model) if job.model else build_model(cfg.model, [r.answer for r in records])
+    attn = cfg.model.attn_implementation
+    if job.model:
+        bundle = load_checkpoint(job.model, attn_implementation=attn)
+    else:  # composed in the run's precision: a 7B never passes through float32
+        bundle = build_model(cfg.model, [r.answer for r in records], dtype=env.torch_dtype(hw.precision))
     if cfg.model.lora.rank_for(job.stage):  # never align: it trains no LLM weight
         bundle.model = apply_lora(bundle.model, cfg.model.lora)
     bundle.model.freeze(**frozen_parts(job.stage, cfg))

@@ -106,8 +106,10 @@ def make_bundle(scale: Scale, shape: dict, tokenizer):
     from dxcli.model.build import build_random
 
     text = LlamaConfig(**shape, tie_word_embeddings=False)
-    return build_random(scale.vision, dict(scale.vision_args), text, tokenizer, scale.image_size, 512,
-                        dtype=dtype_of(scale), device=scale.device)
+    bundle = build_random(scale.vision, dict(scale.vision_args), text, tokenizer, scale.image_size, 512,
+                          dtype=dtype_of(scale), device=scale.device)
+    bundle.model.set_attn_implementation("sdpa")  # model.attn_implementation's default, as dx loads it
+    return bundle
 
 
 def shapes_file(work: Path, name: str, shape: dict, scale: Scale) -> Path:
