@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from dxcli import config
 from dxcli.cli.main import app
 from dxcli.base.errors import DxError, UsageError
-from dxcli.jobs import memory
+from dxcli.jobs import memory, memory_shapes
 from dxcli.jobs.memory import GIB, STAGES, check_plan_fits, plan_memory
 
 runner = CliRunner()
@@ -106,7 +106,7 @@ def test_zero3_halves_parameters_per_gpu_on_two_gpus():
 
 
 def test_7b_shapes_match_the_published_counts():
-    shapes = memory.model_shapes(config.resolve("h100x2").config.model)
+    shapes = memory_shapes.model_shapes(config.resolve("h100x2").config.model)
     assert shapes.llm == 6_738_415_616 + 2 * 4096  # Vicuna-7B + the <image> row in embeddings and lm_head
     assert shapes.vision == 198_591_168 and shapes.image_tokens == 100
     assert 16 * shapes.lora_per_rank == 39_976_960  # PEFT's count for LoRA r=16 on every Llama-7B linear
@@ -178,7 +178,7 @@ def test_a_7b_plan_takes_seconds_and_allocates_nothing():
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM  # noqa: F401
 
-    memory._count_shapes.cache_clear()
+    memory_shapes._count_shapes.cache_clear()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     started = time.perf_counter()
     plan = plan_memory(config.resolve("h200x8").config, "prpo")
@@ -189,9 +189,9 @@ def test_a_7b_plan_takes_seconds_and_allocates_nothing():
 
 def test_shapes_must_describe_the_configured_tower():
     with pytest.raises(UsageError, match="point model.shapes at a matching file"):
-        memory.model_shapes(config.resolve("h100x2", ["model.image_size=384"]).config.model)
+        memory_shapes.model_shapes(config.resolve("h100x2", ["model.image_size=384"]).config.model)
     with pytest.raises(UsageError, match="dx-llava-7b"):
-        memory.model_shapes(config.resolve("h100x2", ["model.shapes=nope"]).config.model)
+        memory_shapes.model_shapes(config.resolve("h100x2", ["model.shapes=nope"]).config.model)
 
 
 def test_train_refuses_a_plan_that_does_not_fit_before_loading_anything(tmp_path, monkeypatch):
@@ -218,4 +218,4 @@ def test_train_refuses_a_plan_that_does_not_fit_before_loading_anything(tmp_path
     result = runner.invoke(app, ["train", "instruct", "--profile", "h100x2", "--set", "hardware.gpu_memory_gb=20",
                                  "--set", "hardware.skip_memory_check=true", "--data", str(tmp_path / "data"),
                                  "--out", str(out)], terminal_width=400)
-    assert result.exit_code == 1 and "no such file or folder" in result.output
+    assert result.exit_code == 2 and "no such file or folder" in result.output

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from dxcli.base import template
 from dxcli.config import ModelConfig
 from dxcli.base.errors import DxError
-from dxcli.model.build import build_tiny, compose, image_token_count
+from dxcli.model.build import build_tiny, image_token_count
+from dxcli.model.compose import compose
 from dxcli.model.checkpoint import build_model, load_checkpoint, save_checkpoint
 from dxcli.model.dxllava import DxLlavaForConditionalGeneration
 

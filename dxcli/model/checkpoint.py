@@ -14,7 +14,8 @@ import torch
 
 from dxcli.base.errors import DxError
 from dxcli.config import ModelConfig
-from dxcli.model.build import ModelBundle, build_tiny, compose, preview, summarise, unexpected_note
+from dxcli.model.build import ModelBundle, build_tiny, preview, summarise, unexpected_note
+from dxcli.model.compose import compose
 from dxcli.model.dxllava import DxLlavaConfig, DxLlavaForConditionalGeneration
 
 # state-dict prefixes of what the binary head reads (`DxLlavaForConditionalGeneration.image_side`)
