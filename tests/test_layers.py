@@ -129,3 +129,16 @@ def test_the_checker_sees_a_violation(tmp_path: Path):
     tree = ast.parse("from dxcli.training.sft import run\n")
     (target, _), = dx_imports(tree, "dxcli.model.x")
     assert layer_of(target)[1] > layer_of("dxcli.model.x")[1]
+
+
+def test_functions_and_files_stay_readable_sizes():
+    """No library function over 60 lines, no file over 400: a recipe step or a command that grows
+    past that is doing two things."""
+    long = []
+    for module, path, tree in parsed():
+        lines = path.read_text(encoding="utf-8").count("\n")
+        if lines > 400:
+            long.append(f"{module}: {lines} lines")
+        long += [f"{module}.{node.name}: {node.end_lineno - node.lineno + 1} lines" for node in ast.walk(tree)
+                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
+    assert long == []
