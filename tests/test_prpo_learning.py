@@ -26,3 +26,28 @@ def test_grpo_with_ground_truth_learns_the_label(toy, tmp_path):
     assert first < 0.7, accuracy  # the start is near chance: the format is known, the answer is not
     # a policy that learned the label (majority pseudo-labels instead collapse onto one answer: ~0.5)
     assert last >= 0.85 and last - first >= 0.25, accuracy
+
+
+def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(toy, tmp_path, monkeypatch):
+    """Stopped after step 2 of 4 and resumed: the model, optimizer, data position and RNG all carry
+    over, so the final weights are the ones a run that never stopped reaches (and they moved)."""
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    from dxcli.jobs.stages import run_prpo_stage
+
+    sets = [*GRPO, "train.max_steps=4"]
+    monkeypatch.setenv("DX_STOP_AFTER_STEP", "2")
+    with pytest.raises(SystemExit):
+        run_prpo_stage(out=tmp_path / "split", resolved=config.resolve("cpu-tiny", sets), model=str(toy["model"]),
+                       data=toy["data"], say=quiet)
+    monkeypatch.delenv("DX_STOP_AFTER_STEP")
+    run_prpo_stage(out=tmp_path / "split", resolved=config.resolve("cpu-tiny", []), model=str(toy["model"]),
+                   resume=True, say=quiet)
+    run_prpo_stage(out=tmp_path / "whole", resolved=config.resolve("cpu-tiny", sets), model=str(toy["model"]),
+                   data=toy["data"], say=quiet)
+    split, whole = (load_file(str(tmp_path / run / "model" / "model.safetensors")) for run in ("split", "whole"))
+    start = load_file(str(toy["model"] / "model.safetensors"))
+    assert any(not torch.equal(split[k], start[k]) for k in split)  # it learned: the comparison means something
+    assert all(torch.allclose(split[k], whole[k], atol=1e-6) for k in whole)

@@ -107,23 +107,38 @@ def test_stop_and_resume_continues_where_it_stopped(tmp_path, demo_root, trained
     assert (whole / "config.json").is_file() and (tmp_path / "split" / "model" / "config.json").is_file()
 
 
+@pytest.fixture(scope="module")
+def one_process_reference(tmp_path_factory, demo_root, trained) -> Path:
+    """align for 2 steps in one process, two micro-batches of 1 per step (the 2-rank runs' samples)."""
+    from dxcli.jobs.stages import run_sft_stage
+
+    out = tmp_path_factory.mktemp("one") / "run"
+    sets = ["train.max_steps=2", "hardware.num_workers=0", "hardware.micro_batch=1", "hardware.grad_accum=2"]
+    return run_sft_stage("align", out=out, resolved=config.resolve("cpu-tiny", sets), data=demo_root,
+                         model=str(trained["align"]), say=lambda *_: None)
+
+
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_process_zero_run(tmp_path, demo_root, trained, zero_stage):
+def test_two_process_zero_run(tmp_path, demo_root, trained, zero_stage, one_process_reference):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "ddp"
     result = subprocess.run(
         [sys.executable, "-m", "dxcli", "train", "align", "--data", str(demo_root), "--model", str(trained["align"]),
          "--out", str(out), "--nproc-per-node", "2", "--set", "train.max_steps=2", "--set", "train.log_every=1",
-         "--set", f"hardware.zero_stage={zero_stage}", "--set", "hardware.num_workers=0"],
+         "--set", f"hardware.zero_stage={zero_stage}", "--set", "hardware.num_workers=0", "--set",
+         "hardware.micro_batch=1"],
         capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout + result.stderr
     assert [r["step"] for r in metrics(out)] == [1, 2]
-    from dxcli.model.checkpoint import load_checkpoint
-
-    reloaded = load_checkpoint(out / "model")  # under ZeRO-3 the weights were gathered before saving
-    assert sum(p.numel() for p in reloaded.model.parameters()) == sum(
-        p.numel() for p in load_checkpoint(trained["align"]).model.parameters())
+    # two ranks of micro-batch 1 take the same samples per step as one process accumulating two
+    # micro-batches (rank r's shard is order[r::2]): the weights must agree, and under ZeRO-3 they
+    # were gathered from both ranks before saving
+    two, one = state(out / "model"), state(one_process_reference)
+    assert two.keys() == one.keys()
+    assert all(torch.allclose(two[k], one[k], atol=1e-5) for k in one)
+    start = state(trained["align"])
+    assert any(not torch.equal(two[k], start[k]) for k in start)  # the steps changed something
 
 
 def test_worker_failure_is_the_command_failure(tmp_path, demo_root, trained):
