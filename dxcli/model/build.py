@@ -173,12 +173,12 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
 def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
     """Create parameters in `dtype` (as from_pretrained does): unlike `model.to(dtype)` this keeps
     float32 buffers such as RoPE's inv_freq in float32."""
-    previous = torch.getdefault_dtype()
-    torch.setdefault_dtype(dtype or previous)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or previous)
     try:
         yield
     finally:
-        torch.setdefault_dtype(previous)
+        torch.set_default_dtype(previous)
 
 
 def build_tiny(cfg: ModelConfig, texts: list[str], seed: int = 0,
@@ -219,7 +219,7 @@ def build_random(vision_arch: str, vision_args: dict, text_config: Any, tokenize
     text_config.pad_token_id = tokenizer.pad_token_id
     config = dx_config(vision_config, text_config, tokenizer.convert_tokens_to_ids(template.IMAGE_TOKEN),
                         (image_size // stride) ** 2, head_hidden)
-    config.dtype = dtype or torch.getdefault_dtype()
+    config.dtype = dtype or torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]), default_dtype(dtype), torch.device(device):
         torch.manual_seed(seed)
         model = DxLlavaForConditionalGeneration(config)
