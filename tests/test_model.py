@@ -336,3 +336,25 @@ def test_attention_kernel_is_applied_and_a_missing_one_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["train", "instruct", "--data", str(tmp_path / "absent"), "--out", str(out),
                                       "--set", "model.attn_implementation=flash_attention_2"], terminal_width=400)
     assert result.exit_code == 1 and "flash" in result.output and not out.exists()
+
+
+def test_generate_leaves_the_tokenizer_and_the_global_rng_as_it_found_them(bundle):
+    """Training pads on the right with the same tokenizer, and a seeded rollout must not reset the
+    data order or dropout of the loop around it."""
+    from PIL import Image
+
+    from dxcli.model.generate import generate
+
+    bundle.tokenizer.padding_side = "right"
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    image = Image.new("RGB", (64, 64), (120, 90, 60))
+    out = generate(bundle, [image, image], ["Real or fake?", template.DEFAULT_QUESTION], max_new_tokens=4,
+                   temperature=1.0, samples_per_image=2, seed=7)
+    assert len(out.texts) == 4
+    assert bundle.tokenizer.padding_side == "right"
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's RNG stream went on untouched
+    again = generate(bundle, [image, image], ["Real or fake?", template.DEFAULT_QUESTION], max_new_tokens=4,
+                     temperature=1.0, samples_per_image=2, seed=7)
+    assert again.token_ids == out.token_ids  # and the seed alone decides the samples
