@@ -92,7 +92,7 @@ def hand_rollout(state: prpo.PrpoState, image: Image.Image, texts: list[str],
         mask[row, :len(tokens)] = 1
         adv[row, :len(tokens)] = torch.tensor(values)
     return Rollout(prompt_ids.repeat(n, 1), prompt_mask.repeat(n, 1), features.repeat(n, 1, 1).cpu(),
-                   completion, mask, adv, {})
+                   completion, mask, adv, {}, list(texts))
 
 
 def completion_ids(tokenizer, texts: list[str]) -> list[list[int]]:
