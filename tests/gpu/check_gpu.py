@@ -350,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     if scale.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no GPU: run with --smoke for the CPU version")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in LAUNCHER_VARIABLES:  # one process on its own: a caller's process-group address is not ours
+        os.environ.pop(name, None)
     if scale.device == "cpu":
         torch.set_num_threads(1)  # tiny matrices, as cpu-tiny: threads only synchronise
     started = time.perf_counter()
