@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="prpo.max_new_tokens (demo reasoning is 43-83 tokens with the tiny tokenizer)")
     parser.add_argument("--final-credit", choices=("paragraph", "verdict"), default="verdict",
                         help="prpo.final_credit (verdict: see the PRPO learning bench in tests/bench/README.md)")
+    parser.add_argument("--tag", default="",
+                        help="suffix of the RL run folders and answer files (another RL setting beside the first)")
     parser.add_argument("--profile", default="cpu-tiny")
     parser.add_argument("--set", dest="sets", action="append", default=[],
                         help="extra --set for SFT, RL and eval (hardware.threads=1 is always set)")
@@ -131,7 +133,7 @@ def one_domain(run: Runner, data: Path, work: Path, domain: str, domains_all: li
     seconds = {"sft": sft["train_s"] if sft_s > 5 else None}
     logs: dict[str, dict] = {}
     for method in [m for m in methods if m != "sft"]:
-        out = work / f"rl-{method}"
+        out = work / f"rl-{method}{args.tag}"
         if not (out / "model" / "config.json").is_file():
             t = time.time()
             algo = method.split("-")[0]
@@ -143,7 +145,7 @@ def one_domain(run: Runner, data: Path, work: Path, domain: str, domains_all: li
         logs[method] = rl_log(out)
     rows = []
     for method, model in models.items():
-        answers = work / f"answers-{domain}-{method}.jsonl"
+        answers = work / f"answers-{domain}-{method}{'' if method == 'sft' else args.tag}.jsonl"
         if not answers.is_file():
             partial = answers.with_suffix(".partial.jsonl")
             partial.unlink(missing_ok=True)
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
           f"max_new_tokens={args.max_new_tokens}, final_credit={args.final_credit}, VCR off; "
           f"{time.time() - started:.0f} s this invocation (finished steps skipped)")
     summary = print_tables(rows, domains, methods)
-    print(json.dumps({"bench": "paper_table", "work": str(work), "domains": domains, "seeds": seeds,
+    print(json.dumps({"bench": "paper_table", "work": str(work), "tag": args.tag, "domains": domains, "seeds": seeds,
                       "steps": args.steps, "lr": args.lr, "group_size": args.group_size,
                       "images_per_step": args.images_per_step, "max_new_tokens": args.max_new_tokens,
                       "final_credit": args.final_credit, "rows": rows, "summary": summary}))
