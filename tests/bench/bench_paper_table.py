@@ -150,7 +150,7 @@ def one_domain(run: Runner, data: Path, work: Path, domain: str, domains_all: li
             run.dx("eval", "infer", "--model", str(model), "--questions", str(questions), "--images", str(data),
                    "--out", str(partial), *common)
             partial.rename(answers)
-        rows.append({"method": method, "held_out": domain, **evaluate(answers),
+        rows.append({"method": method, "held_out": domain, **evaluate(answers), "sft_collapsed": sft["collapsed"],
                      "seconds": seconds.get(method), "rollouts": logs.get(method, {})})
     return rows
 
@@ -167,12 +167,14 @@ def print_tables(rows: list[dict], domains: list[str], methods: list[str]) -> di
     print("\n" + head)
     for row in rows:
         print(f"{row['method']:9s} {row['held_out']:10s} {row['seed']:>4d}"
-              + "".join(f"{_fmt(row[m]):>13s}" for m in METRICS))
+              + "".join(f"{_fmt(row[m]):>13s}" for m in METRICS)
+              + ("  SFT collapsed: one verdict for every image" if row.get("sft_collapsed") else ""))
     summary: dict[str, dict] = {}
     print(f"\nmean ± std over seeds\n{'method':9s} {'held-out':10s} {'seeds':>5s}" + "".join(f"{m:>15s}" for m in METRICS))
     for method in methods:
-        for domain in [*domains, "all"]:
-            part = [r for r in rows if r["method"] == method and (domain == "all" or r["held_out"] == domain)]
+        for domain in [*domains, "all", "learned"]:
+            part = [r for r in rows if r["method"] == method and (domain in ("all", "learned") or r["held_out"] == domain)
+                    and not (domain == "learned" and r.get("sft_collapsed"))]
             if not part:
                 continue
             cells, entry = [], {"n": len(part)}
@@ -182,6 +184,7 @@ def print_tables(rows: list[dict], domains: list[str], methods: list[str]) -> di
                 cells.append(_fmt(mean) + ("" if std is None else f"±{std:.3f}"))
             summary.setdefault(method, {})[domain] = entry
             print(f"{method:9s} {domain:10s} {len(part):>5d}" + "".join(f"{c:>15s}" for c in cells))
+    print("learned: all held-out domains, leaving out the seeds whose SFT collapsed")
     return summary
 
 
