@@ -14,7 +14,7 @@ Every step is the `dx` command itself, in a subprocess (printed with --verbose);
 output exists is skipped, so an interrupted run resumes with the same --work. Prints a table and
 ends with one JSON line. One leave-one-out run is a few minutes on one thread.
 
-To be extended with RL rows (PRPO / GRPO from each held-out domain's SFT checkpoint).
+The RL rows (GRPO / PRPO from each held-out domain's SFT checkpoint) are tests/bench/bench_paper_table.py, which imports this module.
 """
 
 from __future__ import annotations

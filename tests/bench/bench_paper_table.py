@@ -1,0 +1,229 @@
+"""The paper's table in miniature: leave-one-domain-out SFT, then test-time RL on the held-out domain.
+
+Run: python tests/bench/bench_paper_table.py [--domains diffusion,resample] [--seeds 0,1,2]
+     [--steps 30] [--max-new-tokens 128] [--final-credit verdict] [--work DIR] [--verbose]
+
+For each seed S and held-out domain D of the hard demo data (`dx dataset demo --hard --seed S`):
+
+1. SFT on the other domains: `loo_sft.loo_sft` (align + instruct, the same `dx` commands and
+   work-folder layout as `tests/bench/loo_sft.py`, so a loo_sft.py `--work` folder resumes here).
+2. RL from that SFT checkpoint, `dx train prpo` (cpu-tiny, `hardware.threads=1`, VCR off: the
+   reward is PCR alone), `--steps` steps each:
+   - `grpo-maj`: `--algo grpo --labels majority --split test --domain D` (test-time RL, TTRL-style
+     majority pseudo-labels on D's unlabeled test images);
+   - `prpo-maj`: `--algo prpo --labels majority --split test --domain D` (PRPO uses no label);
+   - `prpo-gt`:  `--algo prpo --labels gt --split train --domain <the other domains>` (RL on the
+     SFT training domains with labels, then tested on D).
+3. `dx eval infer` (greedy) of SFT and each RL model on D's test questions
+   (`dx questions gen DATA --split test --domain D`); F1 (fake positive, no verdict = wrong),
+   accuracy, invalid rate, binary-head AUC (the head is frozen in RL, so it repeats the SFT
+   figure) and reasoning consistency = final-paragraph PCR of the greedy answers (1 when the
+   verdict agrees with the majority of the earlier paragraphs' evidence, 0 otherwise or with no
+   verdict; `dxcli.rl.rewards.score_response`, the definitions `dx eval rewards --no-clip` uses).
+
+Prints one row per method, domain and seed, then mean and spread (population std) over the seeds,
+and ends with one JSON line. Every step whose output exists is skipped: an interrupted run resumes
+with the same --work. Time (shared 2-core machine, one thread): SFT 3-5 min per held-out domain
+and seed, each RL run 1-3 min, each eval under a minute (see tests/bench/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from loo_sft import DOMAINS_HARD, Runner, _fmt, loo_sft  # noqa: E402
+
+METHODS = ("sft", "grpo-maj", "prpo-maj", "prpo-gt")
+METRICS = ("f1", "accuracy", "invalid_rate", "head_auc", "final_pcr")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--domains", default="diffusion,resample",
+                        help="held-out domains, comma-separated (default: the two lowest SFT F1 in the README)")
+    parser.add_argument("--seeds", default="0,1,2", help="demo data seeds, comma-separated")
+    parser.add_argument("--methods", default=",".join(METHODS[1:]), help="RL rows, comma-separated")
+    parser.add_argument("--steps", type=int, default=30, help="train.max_steps of each RL run")
+    parser.add_argument("--lr", type=float, default=1e-4, help="prpo.lr (cpu-tiny's)")
+    parser.add_argument("--group-size", type=int, default=4, help="prpo.group_size (G)")
+    parser.add_argument("--images-per-step", type=int, default=2, help="prpo.images_per_step")
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="prpo.max_new_tokens (demo reasoning is 43-83 tokens with the tiny tokenizer)")
+    parser.add_argument("--final-credit", choices=("paragraph", "verdict"), default="verdict",
+                        help="prpo.final_credit (verdict: see the PRPO learning bench in tests/bench/README.md)")
+    parser.add_argument("--tag", default="",
+                        help="suffix of the RL run folders and answer files (another RL setting beside the first)")
+    parser.add_argument("--profile", default="cpu-tiny")
+    parser.add_argument("--set", dest="sets", action="append", default=[],
+                        help="extra --set for SFT, RL and eval (hardware.threads=1 is always set)")
+    parser.add_argument("--work", type=Path, default=None, help="work folder, kept and reused (default: a temp folder)")
+    parser.add_argument("--verbose", action="store_true", help="print each dx command and its output")
+    args = parser.parse_args(argv)
+    args.easy = False  # loo_sft's flag: always the hard demo here
+    return args
+
+
+def rl_sets(args: argparse.Namespace, algo: str) -> list[str]:
+    return ["hardware.num_workers=0", "train.log_every=1", "prpo.epochs=100", f"train.max_steps={args.steps}",
+            f"prpo.algo={algo}", f"prpo.lr={args.lr}", f"prpo.group_size={args.group_size}",
+            f"prpo.images_per_step={args.images_per_step}", f"prpo.max_new_tokens={args.max_new_tokens}",
+            f"hardware.micro_batch={args.group_size * args.images_per_step}",
+            f"prpo.final_credit={args.final_credit}"]
+
+
+def rl_command(method: str, data: Path, domain: str, domains_all: list[str]) -> list[str]:
+    algo, labels = method.split("-")
+    labels = {"maj": "majority", "gt": "gt"}[labels]
+    if labels == "gt":  # the SFT training domains, their train split, with labels
+        where = ["--split", "train", *[x for d in domains_all if d != domain for x in ("--domain", d)]]
+    else:  # the held-out domain's unlabeled test images
+        where = ["--split", "test", "--domain", domain]
+    return ["--algo", algo, "--labels", labels, *where]
+
+
+def evaluate(answers: Path) -> dict:
+    """Greedy answers on one domain: F1, accuracy, invalid rate, head AUC, final-paragraph PCR."""
+    from dxcli.evaluation.score import load_answers, score_rows
+    from dxcli.rl.rewards import score_response
+
+    rows = load_answers(answers)
+    overall = score_rows(rows)["overall"]
+    scores = [score_response(row.get("text") or "", keywords=False) for row in rows]
+    final_pcr = [s.pcr[s.final_index] for s in scores]
+    return {"f1": overall.get("f1"), "accuracy": overall.get("accuracy"),
+            "invalid_rate": overall.get("invalid_rate"), "head_auc": overall.get("head_auc"),
+            "final_pcr": sum(final_pcr) / len(final_pcr), "n": len(rows)}
+
+
+def rl_log(run_dir: Path) -> dict:
+    """Training-rollout figures from metrics.jsonl: first and last 5 steps."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "reward" in r]
+    out = {}
+    for key in ("final_pcr", "invalid_rate", "answer_accuracy", "pseudo_label_accuracy", "response_tokens"):
+        for name, part in (("first5", rows[:5]), ("last5", rows[-5:])):
+            values = [r[key] for r in part if r.get(key) is not None]
+            if values:
+                out[f"{key}_{name}"] = round(sum(values) / len(values), 4)
+    return out
+
+
+def one_domain(run: Runner, data: Path, work: Path, domain: str, domains_all: list[str],
+               methods: list[str], args: argparse.Namespace) -> list[dict]:
+    sets = [item for s in (["hardware.threads=1"] + args.sets) for item in ("--set", s)]
+    common = ["--profile", args.profile, *sets]
+    sft = loo_sft(run, data, work, domain, args)  # align + instruct (+ its all-domain eval)
+    questions = work / f"questions-{domain}.jsonl"
+    if not questions.is_file():
+        run.dx("questions", "gen", str(data), "--out", str(questions), "--split", "test", "--domain", domain)
+    models = {"sft": work / "instruct"}
+    seconds = {"sft": sft["train_s"] or None}  # None: trained in an earlier invocation
+    logs: dict[str, dict] = {}
+    for method in [m for m in methods if m != "sft"]:
+        out = work / f"rl-{method}{args.tag}"
+        if not (out / "model" / "config.json").is_file():
+            t = time.time()
+            algo = method.split("-")[0]
+            run.dx("train", "prpo", "--data", str(data), "--model", str(work / "instruct"), "--out", str(out),
+                   "--force", *rl_command(method, data, domain, domains_all), *common,
+                   *[x for s in rl_sets(args, algo) for x in ("--set", s)])
+            seconds[method] = round(time.time() - t, 1)
+        models[method] = out / "model"
+        logs[method] = rl_log(out)
+    rows = []
+    for method, model in models.items():
+        answers = work / f"answers-{domain}-{method}{'' if method == 'sft' else args.tag}.jsonl"
+        if not answers.is_file():
+            partial = answers.with_suffix(".partial.jsonl")
+            partial.unlink(missing_ok=True)
+            run.dx("eval", "infer", "--model", str(model), "--questions", str(questions), "--images", str(data),
+                   "--out", str(partial), *common)
+            partial.rename(answers)
+        rows.append({"method": method, "held_out": domain, **evaluate(answers), "sft_collapsed": sft["collapsed"],
+                     "seconds": seconds.get(method), "rollouts": logs.get(method, {})})
+    return rows
+
+
+def spread(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else None)
+
+
+def print_tables(rows: list[dict], domains: list[str], methods: list[str]) -> dict:
+    head = f"{'method':9s} {'held-out':10s} {'seed':>4s}" + "".join(f"{m:>13s}" for m in METRICS)
+    print("\n" + head)
+    for row in rows:
+        print(f"{row['method']:9s} {row['held_out']:10s} {row['seed']:>4d}"
+              + "".join(f"{_fmt(row[m]):>13s}" for m in METRICS)
+              + ("  SFT collapsed: one verdict for every image" if row.get("sft_collapsed") else ""))
+    summary: dict[str, dict] = {}
+    print(f"\nmean ± std over seeds\n{'method':9s} {'held-out':10s} {'seeds':>5s}" + "".join(f"{m:>15s}" for m in METRICS))
+    for method in methods:
+        for domain in [*domains, "all", "learned"]:
+            part = [r for r in rows if r["method"] == method and (domain in ("all", "learned") or r["held_out"] == domain)
+                    and not (domain == "learned" and r.get("sft_collapsed"))]
+            if not part:
+                continue
+            cells, entry = [], {"n": len(part)}
+            for m in METRICS:
+                mean, std = spread([r[m] for r in part])
+                entry[m] = {"mean": mean, "std": std}
+                cells.append(_fmt(mean) + ("" if std is None else f"±{std:.3f}"))
+            summary.setdefault(method, {})[domain] = entry
+            print(f"{method:9s} {domain:10s} {len(part):>5d}" + "".join(f"{c:>15s}" for c in cells))
+    print("learned: all held-out domains, leaving out the seeds whose SFT collapsed")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    domains = [d for d in args.domains.split(",") if d]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    methods = ["sft", *[m for m in args.methods.split(",") if m]]
+    unknown = set(methods) - set(METHODS) | set(domains) - set(DOMAINS_HARD)
+    if unknown:
+        raise SystemExit(f"unknown method or domain: {sorted(unknown)}")
+    work = args.work or Path(tempfile.mkdtemp(prefix="dx-table-"))
+    run = Runner(args.verbose)
+    started = time.time()
+    rows = []
+    for seed in seeds:
+        data = work / f"data-hard-{seed}"
+        if not (data / "reasoning.jsonl").is_file():
+            run.dx("dataset", "demo", str(data), "--seed", str(seed), "--force", "--hard")
+        for domain in domains:
+            t = time.time()
+            for row in one_domain(run, data, work / f"{data.name}-loo-{domain}", domain, list(DOMAINS_HARD),
+                                  methods, args):
+                row["seed"] = seed
+                rows.append(row)
+                print(f"seed {seed} held-out {domain:10s} {row['method']:9s} F1 {_fmt(row['f1'])}  "
+                      f"acc {_fmt(row['accuracy'])}  invalid {_fmt(row['invalid_rate'])}  "
+                      f"final PCR {_fmt(row['final_pcr'])}", flush=True)
+            print(f"seed {seed} held-out {domain}: {time.time() - t:.0f} s this run", flush=True)
+    print(f"\nRL: {args.steps} steps, G={args.group_size}, {args.images_per_step} images/step, lr={args.lr}, "
+          f"max_new_tokens={args.max_new_tokens}, final_credit={args.final_credit}, VCR off; "
+          f"{time.time() - started:.0f} s this invocation (finished steps skipped)")
+    summary = print_tables(rows, domains, methods)
+    print(json.dumps({"bench": "paper_table", "work": str(work), "tag": args.tag, "domains": domains, "seeds": seeds,
+                      "steps": args.steps, "lr": args.lr, "group_size": args.group_size,
+                      "images_per_step": args.images_per_step, "max_new_tokens": args.max_new_tokens,
+                      "final_credit": args.final_credit, "rows": rows, "summary": summary}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
