@@ -277,13 +277,7 @@ def save(state: PrpoState) -> Path:
 
 
 def run(job: PrpoJob) -> Path:
-    state = setup(job)
-    with MetricsLog(Path(job.run_dir) / "metrics.jsonl", state.dist.main, state.cfg.train.report_to,
-                    cfgmod.to_dict(state.cfg)) as log:
-        if job.resume:
-            resume(state, log)
-        train_loop(state, log)
-    return save(state)
+    return saved_state.run_recipe(job, setup, resume, train_loop, save)
 
 
 def train_loop(state: PrpoState, log: MetricsLog) -> None:

@@ -184,13 +184,7 @@ def save(state: SftState) -> Path:
 
 
 def run(job: SftJob) -> Path:
-    state = setup(job)
-    with MetricsLog(Path(job.run_dir) / "metrics.jsonl", state.dist.main, state.cfg.train.report_to,
-                    cfgmod.to_dict(state.cfg)) as log:
-        if job.resume:
-            resume(state, log)
-        train_loop(state, log)
-    return save(state)
+    return saved_state.run_recipe(job, setup, resume, train_loop, save)
 
 
 def train_loop(state: SftState, log: MetricsLog) -> None:

@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dxcli.base.errors import Interrupted
+from dxcli.config import to_dict
 from dxcli.model.checkpoint import save_checkpoint
 from dxcli.model.lora import is_lora, save_merged
 from dxcli.runtime.dist import Dist, barrier
 from dxcli.runtime.env import STOP_AFTER_ENV, rng_state, set_rng_state, stop_after_step
 from dxcli.runtime.interrupt import StopRequest
+from dxcli.runtime.metrics import MetricsLog
 from dxcli.runtime.progress import ProgressView
 
 
@@ -65,6 +67,19 @@ def save_final_model(engine, bundle, out_dir: Path, zero_stage: int, dist: Dist)
         else:
             save_checkpoint(bundle, out_dir, state_dict=state)
     barrier(dist)
+
+
+def run_recipe(job: Any, setup: Callable[[Any], Any], resume: Callable[[Any, MetricsLog], None],
+               train_loop: Callable[[Any, MetricsLog], None], save: Callable[[Any], Path]) -> Path:
+    """The shape every training recipe runs in: set up, resume when asked, train while the metrics
+    sink (and its trackers) is open, save."""
+    state = setup(job)
+    with MetricsLog(Path(job.run_dir) / "metrics.jsonl", state.dist.main, state.cfg.train.report_to,
+                    to_dict(state.cfg)) as log:
+        if job.resume:
+            resume(state, log)
+        train_loop(state, log)
+    return save(state)
 
 
 def finish(engine, bundle, run_dir: Path, zero_stage: int, dist: Dist, label: str) -> Path:
