@@ -15,6 +15,7 @@ from dxcli.base.errors import DxError, UsageError
 from dxcli.base.jsonio import write_jsonl_atomic
 from dxcli.data.records import default_reasoning, find_bad_images, load_records, records_from_tree
 from dxcli.model.checkpoint import build_model, resolve_model_path, save_checkpoint
+from dxcli.runtime.env import quiet_libraries
 from dxcli.training.state import checkpoint_tags
 from dxcli.runtime.trackers import check_installed
 
@@ -138,5 +139,6 @@ def starting_model(model: str | None, config: cfgmod.DxConfig, run_dir: Path, te
         return None  # composed inside the workers from config.model
     base = Path(run_dir) / "base-model"
     if not (base / "config.json").is_file():
+        quiet_libraries()  # no per-file saving bars before dx's own output
         save_checkpoint(build_model(config.model, texts()), base)
     return str(base)
