@@ -119,3 +119,19 @@ def exit_status(result) -> int:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code
+
+
+def assert_demo_layout(root: Path, summary: dict, domains: tuple[str, ...], split_sizes: dict[str, int]) -> list[Path]:
+    """A demo tree as `dx dataset demo` promises it: every domain/split/label folder with its share
+    of images, the summary's counts agreeing; returns the images."""
+    assert sorted(p.name for p in root.iterdir()) == sorted([*domains, "reasoning.jsonl"])
+    for domain in domains:
+        assert sorted(p.name for p in (root / domain).iterdir()) == ["test", "train", "val"]
+        for split, n in split_sizes.items():
+            assert sorted(p.name for p in (root / domain / split).iterdir()) == ["fake", "real"]
+            for label in ("real", "fake"):
+                assert len(list((root / domain / split / label).iterdir())) == n // 2
+                assert summary["counts"][domain][split][label] == n // 2
+    images = sorted(root.glob("*/*/*/*.png"))
+    assert summary["images"] == len(images) == len(domains) * sum(split_sizes.values())
+    return images

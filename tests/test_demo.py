@@ -16,6 +16,7 @@ from dxcli.data.demo import make_demo
 from dxcli.data.demo_reasoning import measure
 from dxcli.data.demo_render import DOMAINS, PIPELINES
 from dxcli.base.errors import UsageError
+from helpers_images import assert_demo_layout
 
 SMALL = {"n_train": 40, "n_val": 8, "n_test": 16}
 SPLIT_SIZES = {"train": 40, "val": 8, "test": 16}
@@ -44,17 +45,7 @@ def small_demo(tmp_path_factory) -> tuple[Path, dict]:
 def test_tree_layout_counts_and_summary(small_demo):
     root, summary = small_demo
     assert len(DOMAINS) >= 4
-    assert sorted(p.name for p in root.iterdir()) == sorted([*DOMAINS, "reasoning.jsonl"])
-    for domain in DOMAINS:
-        assert sorted(p.name for p in (root / domain).iterdir()) == ["test", "train", "val"]
-        for split, n in SPLIT_SIZES.items():
-            assert sorted(p.name for p in (root / domain / split).iterdir()) == ["fake", "real"]
-            for label in ("real", "fake"):
-                files = sorted((root / domain / split / label).iterdir())
-                assert len(files) == n // 2
-                assert summary["counts"][domain][split][label] == n // 2
-    images = sorted(root.glob("*/*/*/*.png"))
-    assert summary["images"] == len(images) == len(DOMAINS) * sum(SPLIT_SIZES.values())
+    images = assert_demo_layout(root, summary, DOMAINS, SPLIT_SIZES)
     assert summary["domains"] == list(DOMAINS)
     assert summary["bytes"] == sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     assert summary["seconds"] > 0

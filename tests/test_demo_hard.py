@@ -15,6 +15,7 @@ from dxcli.base.answer import parse_answer
 from dxcli.data import demo, demo_render
 from dxcli.data.demo import make_demo
 from dxcli.data.demo_render import DOMAINS
+from helpers_images import assert_demo_layout
 
 SMALL = {"n_train": 8, "n_val": 4, "n_test": 4}
 SPLIT_SIZES = {"train": 8, "val": 4, "test": 4}
@@ -33,16 +34,7 @@ def hard_demo(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_tree_layout_and_summary(hard_demo):
     root, summary = hard_demo
-    assert sorted(p.name for p in root.iterdir()) == sorted([*DOMAINS, "reasoning.jsonl"])
-    for domain in DOMAINS:
-        assert sorted(p.name for p in (root / domain).iterdir()) == ["test", "train", "val"]
-        for split, n in SPLIT_SIZES.items():
-            assert sorted(p.name for p in (root / domain / split).iterdir()) == ["fake", "real"]
-            for label in ("real", "fake"):
-                assert len(list((root / domain / split / label).iterdir())) == n // 2
-                assert summary["counts"][domain][split][label] == n // 2
-    images = sorted(root.glob("*/*/*/*.png"))
-    assert summary["images"] == len(images) == len(DOMAINS) * sum(SPLIT_SIZES.values())
+    images = assert_demo_layout(root, summary, DOMAINS, SPLIT_SIZES)
     assert summary["difficulty"] == "hard"
     for path in images[::9]:
         with Image.open(path) as image:

@@ -17,7 +17,7 @@ from typing import Any
 from dxcli.base.errors import DxError, Interrupted
 from dxcli.config import DxConfig
 from dxcli.jobs.registry import run_task, write_job
-from dxcli.runtime.dist import child_environment, cpu_comm_op_built, free_port, prepare_deepspeed_environment
+from dxcli.runtime.dist import child_environment, cpu_comm_op_built, free_port
 from dxcli.runtime.env import quiet_libraries
 from dxcli.training.state import INTERRUPTED_FILE, pending_interruption
 
@@ -61,8 +61,7 @@ def launch(task: str, job: Any, spec: LaunchSpec) -> None:
         stale.unlink(missing_ok=True)
     job_file = run_dir / f"job-{task}.json"
     write_job(task, job, job_file)
-    prepare_deepspeed_environment()
-    quiet_libraries()
+    quiet_libraries()  # also points DeepSpeed at its accelerator and this environment's build folder
     if spec.nproc_per_node * spec.nnodes == 1 and not spec.hostfile:
         run_task(task, job)
         return
