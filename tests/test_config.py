@@ -146,6 +146,8 @@ def test_deepspeed_config_offloads_what_the_keys_say():
     ("prpo.group_size=1", "prpo.group_size must be >= 2"),
     ("hardware.micro_batch=0", "hardware.micro_batch must be >= 1"),
     ("instruct.lr=0", "instruct.lr must be > 0"),
+    ("prpo.pcr_no_majority=1.5", "prpo.pcr_no_majority must be between 0 and 1"),
+    ("prpo.pcr_no_majority=-0.1", "prpo.pcr_no_majority must be between 0 and 1"),
     ("hardware.precision=fp8", "hardware.precision: must be one of"),
 ])
 def test_values_out_of_range_are_usage_errors_naming_the_key(bad, message):

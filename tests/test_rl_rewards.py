@@ -114,6 +114,13 @@ def test_custom_lexicon_file_and_window(tmp_path: Path) -> None:
         ("negators: [no]\nfake: [x]\nreal: [y]\n", "quote it"),  # YAML reads a bare no as false
         ("negators: [\"no\"]\nfake: [smooth skin]\nreal: [smooth  skin]\n", "both real and fake"),
         ("negators: [\"no\"]\nfake: [x]\nreal: [y]\nnegation_window: 0\n", "positive integer"),
+        ("negators: [\"no\"]\nfake: [x]\nreal: [y]\nnegation_unit: lines\n",
+         "'negation_unit' must be words or chars, got 'lines'"),
+        ("negators: [\"no\"]\nfake: [x]\nreal: [y]\nsection_titles: maybe\n",
+         "'section_titles' must be true or false, got 'maybe'"),
+        ("negators: [\"no\"]\nfake: [x]\nreal: [y]\nverdict_words: 3\n",
+         "'verdict_words' must be true or false, got 3"),
+        ("negators: [\"no\"]\nfake: [x]\nreal: [y]\nverdict_word: true\n", "did you mean 'verdict_words'"),
     ],
 )
 def test_malformed_lexicon_is_a_user_error(tmp_path: Path, content: str, message: str) -> None:

@@ -182,6 +182,8 @@ def _validate_ranges(config: "DxConfig") -> None:
             raise UsageError(f"{key} must be {bound}, got {value}")
     if config.hardware.zero_stage > 3:
         raise UsageError(f"hardware.zero_stage must be 0, 1, 2 or 3, got {config.hardware.zero_stage}")
+    if not 0 <= config.prpo.pcr_no_majority <= 1:
+        raise UsageError(f"prpo.pcr_no_majority must be between 0 and 1, got {config.prpo.pcr_no_majority}")
 
 
 def _nest(dotted: dict[str, Any]) -> dict[str, Any]:

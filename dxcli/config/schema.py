@@ -136,6 +136,9 @@ class PrpoConfig:
     # "verdict" (only the verdict word; the marker and EOS take the mean of the response's other
     # tokens) - see tests/bench/README.md for why the second learns where the first does not
     final_credit: str = "paragraph"
+    # the final paragraph's PCR when the paragraphs before it give a tie or no votes (METHOD.md §9):
+    # 0 keeps this project's rule, 1 the original code's; 0 <= value <= 1
+    pcr_no_majority: float = 0.0
     updates_per_rollout: int = 1  # optimizer steps per rollout (METHOD.md §13); > 1: the ratio moves, clipping acts
     clip: str | None = None  # VCR: CLIPModel folder/hub id or "open_clip:ARCH[:PRETRAINED_OR_FILE]"; None -> off
     lexicon: str | None = None  # PCR evidence lexicon YAML; None -> dxcli/rl/lexicon.yaml

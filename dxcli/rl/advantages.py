@@ -21,7 +21,8 @@ def prpo_token_advantages(token_ids: list[list[int]], tokenizer, *, images: list
     """
     decoded = [token_char_spans(tokenizer, ids) for ids in token_ids]  # exact text + span of every id
     owners = [token_paragraph_ids(split_paragraphs(text), spans, len(spans), text) for text, spans in decoded]
-    scores = [score_response(text, lexicon=lexicon, keywords=clip is not None) for text, _ in decoded]
+    scores = [score_response(text, lexicon=lexicon, keywords=clip is not None, no_majority=cfg.pcr_no_majority)
+              for text, _ in decoded]
     groups = [scores[i * G:(i + 1) * G] for i in range(len(images))]
     vcr = clip.group_vcr(clip.image_embeddings(images), groups) if clip is not None else None
     token_adv, stats = [], []

@@ -78,14 +78,16 @@ def explain(
     a: float = 0.5,
     b: float = 0.5,
     eps: float = 1e-4,
+    no_majority: float = 0.0,
 ) -> list[dict[str, Any]]:
     """One object per row: `{"image", "responses": [{"answer", "paragraphs": [{"text", "start",
     "end", "keyword", "label", "vcr", "pcr", "reward", "advantage"}]}]}`; `vcr` is None when
-    `clip` is None or the row has no image."""
+    `clip` is None or the row has no image. `no_majority`: PCR of a final paragraph whose earlier
+    paragraphs give a tie or no votes (`prpo.pcr_no_majority`)."""
     lexicon = lexicon or default_lexicon()
     explained = []
     for row in rows:
-        scores = [score_response(text, lexicon=lexicon) for text in row["responses"]]
+        scores = [score_response(text, lexicon=lexicon, no_majority=no_majority) for text in row["responses"]]
         vcr = None
         if clip is not None and row.get("image"):
             embedding = clip.image_embeddings([_open_image(row["image"], images_root)])
@@ -116,14 +118,14 @@ def explain(
 def explain_file(path: Path, *, images_root: Path | None, prpo: PrpoConfig, use_clip: bool = True
                  ) -> list[dict[str, Any]]:
     """`explain` for a rollouts or answers file with the reward settings of a config's prpo section
-    (its CLIP when `use_clip` and one is set, its lexicon)."""
+    (its CLIP when `use_clip` and one is set, its lexicon, its `pcr_no_majority`)."""
     rows = rows_from_file(Path(path))
     if not rows:
         raise DxError(f"{path}: no rows to explain")
     clip = load_clip(prpo.clip) if use_clip and prpo.clip else None
     lexicon = load_lexicon(Path(prpo.lexicon) if prpo.lexicon else None)
     return explain(rows, images_root=images_root, clip=clip, lexicon=lexicon, a=prpo.vcr_weight,
-                   b=prpo.pcr_weight, eps=prpo.adv_eps)
+                   b=prpo.pcr_weight, eps=prpo.adv_eps, no_majority=prpo.pcr_no_majority)
 
 
 def _open_image(relative: str, root: Path | None) -> Any:
@@ -139,8 +141,9 @@ def _open_image(relative: str, root: Path | None) -> Any:
 
 def summarize(explained: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean VCR (where computed), mean PCR and reward over all paragraphs, final-answer
-    consistency rate (share of answered responses whose answer agrees with the majority label of
-    their earlier paragraphs), paragraphs per response, invalid (no answer) rate."""
+    consistency rate (share of answered responses whose final PCR is 1: the answer agrees with the
+    majority label of their earlier paragraphs, or, with `prpo.pcr_no_majority` = 1, those give a
+    tie or no votes), paragraphs per response, invalid (no answer) rate."""
     responses = [r for row in explained for r in row["responses"]]
     paragraphs = [p for r in responses for p in r["paragraphs"]]
     answered = [r for r in responses if r["answer"] is not None]

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from dxcli.base.answer import LABELS, parse_answer
+from dxcli.base.answer import ANSWER_RE, LABELS, parse_answer
 from dxcli.base.errors import DxError
 from dxcli.rl.paragraphs import Paragraph, split_paragraphs
 
@@ -32,7 +32,18 @@ DEFAULT_LEXICON = "lexicon.yaml"  # in this package
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)*")
 _CLAUSE_BREAK = re.compile(r"[,;.:!?\n]")
 _TERM_SPLIT = re.compile(r"[\s-]+")
-_LEXICON_KEYS = ("negation_window", "negators", "fake", "real")
+_LEXICON_KEYS = ("negation_window", "negation_unit", "section_titles", "verdict_words", "negators",
+                 "fake", "real")
+NEGATION_UNITS = ("words", "chars")
+_SWITCHES = ("section_titles", "verdict_words")
+# A paragraph's leading section title, matched on the lowercased text: a markdown heading line, a
+# **bold** or __underlined__ phrase with an optional colon, or 1 to 4 plain words and a colon.
+_TITLE = re.compile(
+    r"\s*(?:#{1,6}[ \t]+[^\n]*"
+    r"|\*\*[^*\n]+\*\*[ \t]*:?"
+    r"|__[^_\n]+__[ \t]*:?"
+    r"|[a-z0-9][\w'-]*(?:[ \t]+[\w'-]+){0,3}[ \t]*:(?=\s|$))"
+)
 
 
 # ------------------------------------------------------------------ keywords
@@ -69,6 +80,18 @@ def _normalise(text: str) -> str:
     return text.lower().replace("\u2019", "'").replace("\u2018", "'")
 
 
+def title_end(lower: str) -> int:
+    """Where the leading section title of a (normalised) paragraph ends; 0 when it has none.
+
+    A heading line holding the answer marker ("### Answer: fake") is the verdict, not a title,
+    so its verdict word stays visible to the evidence count.
+    """
+    match = _TITLE.match(lower)
+    if match is None or ANSWER_RE.search(match.group(0)):
+        return 0
+    return match.end()
+
+
 @dataclass
 class Lexicon:
     """Real / fake evidence terms and negators (see lexicon.yaml for the matching rules)."""
@@ -77,9 +100,13 @@ class Lexicon:
     fake: list[str]
     negators: list[str]
     negation_window: int = 3
+    negation_unit: str = "words"  # words: last N words of the clause; chars: last N characters
+    section_titles: bool = True  # False: a paragraph's leading title is not evidence
+    verdict_words: bool = True  # False: the bare verdict words ("real", "fake") are not evidence
     source: str = "<memory>"
     _pattern: re.Pattern = field(init=False, repr=False)
     _classes: list[str] = field(init=False, repr=False)
+    _verdict: list[bool] = field(init=False, repr=False)
     _single_negators: frozenset = field(init=False, repr=False)
     _multi_negators: list = field(init=False, repr=False)
     _suffix_negators: tuple = field(init=False, repr=False)
@@ -101,6 +128,8 @@ class Lexicon:
         ]
         self._pattern = re.compile(r"\b(?:" + "|".join(alternatives) + r")\b")
         self._classes = [terms[words] for words in ordered]
+        verdicts = {(label,) for label in LABELS}
+        self._verdict = [words in verdicts for words in ordered]
         negators = [_term_words(n) for n in self.negators]
         self._suffix_negators = tuple(w[0] for w in negators if len(w) == 1 and w[0].startswith("n'"))
         singles = {w[0] for w in negators if len(w) == 1}
@@ -110,10 +139,16 @@ class Lexicon:
     def evidence(self, text: str) -> list[tuple[str, str, bool]]:
         """(matched text, class after negation, negated) for every term found, in order."""
         lower = _normalise(text)
+        # matches are skipped rather than the title cut off, so positions (and the character
+        # window of negation) stay those of the paragraph as written
+        skip_until = 0 if self.section_titles else title_end(lower)
         breaks = [m.start() for m in _CLAUSE_BREAK.finditer(lower)]
         found = []
         for match in self._pattern.finditer(lower):
-            cls = self._classes[match.lastindex - 1]
+            index = match.lastindex - 1
+            if match.start() < skip_until or (self._verdict[index] and not self.verdict_words):
+                continue
+            cls = self._classes[index]
             negated = self._negated(lower, match.start(), breaks)
             if negated:
                 cls = "real" if cls == "fake" else "fake"
@@ -121,6 +156,11 @@ class Lexicon:
         return found
 
     def _negated(self, lower: str, start: int, breaks: list[int]) -> bool:
+        if self.negation_unit == "chars":
+            # the original code's rule: a negator anywhere in the last N characters, clause
+            # breaks ignored; a word cut by the window's edge counts as the part inside it
+            words = _WORD.findall(lower[max(0, start - self.negation_window) : start])
+            return any(self._is_negator(word) for word in self._merge_negators(words))
         before = bisect_right(breaks, start - 1)
         clause_start = breaks[before - 1] + 1 if before else 0
         words = _WORD.findall(lower[clause_start:start])
@@ -172,23 +212,40 @@ def lexicon_from_dict(data: Any, source: str = "<memory>") -> Lexicon:
             close = difflib.get_close_matches(str(key), _LEXICON_KEYS, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise DxError(f"{source}: unknown key '{key}'{hint}")
-    lists = {}
-    for key in ("negators", "fake", "real"):
-        value = data.get(key)
-        if not isinstance(value, list) or not value:
-            raise DxError(f"{source}: '{key}' must be a non-empty list of terms")
-        for item in value:
-            if isinstance(item, bool):
-                raise DxError(f"{source}: '{key}' holds {item!r}, YAML's reading of a bare "
-                              'no/yes/on/off; quote it ("no")')
-            if not isinstance(item, str) or not item.strip():
-                raise DxError(f"{source}: '{key}' holds {item!r}; terms must be non-empty strings")
-        lists[key] = [str(item) for item in value]
+    lists = {key: _term_list(data, key, source) for key in ("negators", "fake", "real")}
+    return Lexicon(real=lists["real"], fake=lists["fake"], negators=lists["negators"],
+                   source=source, **_rule_settings(data, source))
+
+
+def _term_list(data: dict, key: str, source: str) -> list[str]:
+    value = data.get(key)
+    if not isinstance(value, list) or not value:
+        raise DxError(f"{source}: '{key}' must be a non-empty list of terms")
+    for item in value:
+        if isinstance(item, bool):
+            raise DxError(f"{source}: '{key}' holds {item!r}, YAML's reading of a bare "
+                          'no/yes/on/off; quote it ("no")')
+        if not isinstance(item, str) or not item.strip():
+            raise DxError(f"{source}: '{key}' holds {item!r}; terms must be non-empty strings")
+    return [str(item) for item in value]
+
+
+def _rule_settings(data: dict, source: str) -> dict[str, Any]:
+    """The matching-rule keys, checked; a missing key keeps the rule as it was before the key
+    existed (3 words, titles and verdict words counted)."""
     window = data.get("negation_window", 3)
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise DxError(f"{source}: 'negation_window' must be a positive integer, got {window!r}")
-    return Lexicon(real=lists["real"], fake=lists["fake"], negators=lists["negators"],
-                   negation_window=window, source=source)
+    unit = data.get("negation_unit", "words")
+    if not isinstance(unit, str) or unit not in NEGATION_UNITS:
+        raise DxError(f"{source}: 'negation_unit' must be words or chars, got {unit!r}")
+    settings: dict[str, Any] = {"negation_window": window, "negation_unit": unit}
+    for key in _SWITCHES:
+        value = data.get(key, True)
+        if not isinstance(value, bool):
+            raise DxError(f"{source}: '{key}' must be true or false, got {value!r}")
+        settings[key] = value
+    return settings
 
 
 @lru_cache(maxsize=1)
@@ -216,17 +273,19 @@ def majority_label(labels: list[str | None]) -> str | None:
 
 
 def pcr(paragraph_labels: list[str | None], answer: str | None,
-        final_index: int | None = None) -> list[float]:
+        final_index: int | None = None, no_majority: float = 0.0) -> list[float]:
     """Prediction Consistency Reward per paragraph.
 
     Non-final paragraphs: 1. The final paragraph (default: the last): 1 when `answer` equals the
-    majority label of the paragraphs before it, else 0 (tie or no votes: 0). No answer: all 0.
+    majority label of the paragraphs before it, 0 when it differs, `no_majority` when they give
+    a tie or no votes (`prpo.pcr_no_majority`). No answer: all 0.
     """
     if answer is None:
         return [0.0] * len(paragraph_labels)
     final = len(paragraph_labels) - 1 if final_index is None else final_index
-    agrees = majority_label(paragraph_labels[:final]) == answer
-    return [float(agrees) if j == final else 1.0 for j in range(len(paragraph_labels))]
+    majority = majority_label(paragraph_labels[:final])
+    value = float(no_majority) if majority is None else float(majority == answer)
+    return [value if j == final else 1.0 for j in range(len(paragraph_labels))]
 
 
 @dataclass
@@ -243,11 +302,13 @@ class ResponseScore:
 
 
 def score_response(response: str, *, lexicon: Lexicon | None = None,
-                   answer_override: str | None = None, keywords: bool = True) -> ResponseScore:
+                   answer_override: str | None = None, keywords: bool = True,
+                   no_majority: float = 0.0) -> ResponseScore:
     """Everything about one response the rewards need except VCR (which needs the image).
 
     `answer_override` replaces the parsed answer (when the caller parsed it already).
     `keywords=False` skips YAKE (keywords only feed VCR): `keywords` is then empty.
+    `no_majority`: the final paragraph's PCR when the earlier ones give a tie or no votes.
     """
     paragraphs = split_paragraphs(response)
     answer = answer_override if answer_override is not None else parse_answer(response)
@@ -257,7 +318,7 @@ def score_response(response: str, *, lexicon: Lexicon | None = None,
         paragraphs=paragraphs,
         keywords=[keyword(p, answer) for p in paragraphs] if keywords else [],
         labels=labels,
-        pcr=pcr(labels, answer, final),
+        pcr=pcr(labels, answer, final, no_majority),
         answer=answer,
     )
 
