@@ -140,7 +140,8 @@ def run(job: InferJob) -> None:
             if ok:
                 seed = ev.seed + start if ev.temperature > 0 else None
                 gen = generate(bundle, images, [q["text"] for q in ok], max_new_tokens=ev.max_new_tokens,
-                               temperature=ev.temperature, top_p=ev.top_p, seed=seed)
+                               temperature=ev.temperature, top_p=ev.top_p, seed=seed,
+                               compiled=cfg.hardware.compiled_decode)
                 rows += [answer_row(q, t, p, name) for q, t, p in zip(ok, gen.texts, gen.head_probs)]
             fh.writelines(dumps_line(row) for row in rows)
             fh.flush()

@@ -145,7 +145,7 @@ def train_step(state: PrpoState, batch: list) -> dict[str, Any]:
     with ds.weights_for_generation(engine):  # ZeRO-3: gathered once for the whole rollout
         roll = rollout(state.bundle, images, [r.question for r in batch], labels, cfg=p, clip=state.clip,
                        lexicon=state.lexicon, seed=state.cfg.train.seed * 100_003 + state.step * state.dist.world
-                       + state.dist.rank)
+                       + state.dist.rank, compiled=state.cfg.hardware.compiled_decode)
     if p.save_rollouts:
         save_rollouts(state, batch, roll)
     # update: the clipped surrogate over every sequence, in micro-batches

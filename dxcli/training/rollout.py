@@ -29,11 +29,13 @@ class Rollout:
     texts: list[str]  # the B*G decoded responses, grouped by image (prpo.save_rollouts keeps them)
 
 
-def rollout(bundle, images, questions, labels, *, cfg: PrpoConfig, clip, lexicon, seed: int) -> Rollout:
+def rollout(bundle, images, questions, labels, *, cfg: PrpoConfig, clip, lexicon, seed: int,
+            compiled: bool = False) -> Rollout:
+    """`compiled`: hardware.compiled_decode (a hardware key, so the caller passes it beside the prpo section)."""
     model, tokenizer, G = bundle.model, bundle.tokenizer, cfg.group_size
     model.eval()
     gen = generate(bundle, images, questions, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                   top_p=cfg.top_p, samples_per_image=G, seed=seed)
+                   top_p=cfg.top_p, samples_per_image=G, seed=seed, compiled=compiled)
     answers = [parse_answer(t) for t in gen.texts]
     majorities = [majority_answer(answers[i * G:(i + 1) * G]) for i in range(len(images))]
     if cfg.algo == "grpo":

@@ -10,15 +10,22 @@ with generation_config.min_new_tokens (random weights would stop anywhere). Meas
                      (on CUDA it compiles a static-cache decode by itself unless disable_compile)
   g8/static+compile  the static cache with transformers' compiled decoding step (CompileConfig():
                      inductor, mode reduce-overhead = CUDA graphs)
+  g8/dx-compiled     dx's own `generate(..., compiled=True)` (hardware.compiled_decode: a static cache
+                     bucketed to a multiple of 256 slots, CompileConfig(dynamic=False)): a first call (the compile),
+                     then `--repeats` calls with a LONGER question (another prompt length, as a run's
+                     next batch); its seconds, their ms per step, and the graphs dynamo captured in
+                     each phase (`recompiles_later` 0: the bucket kept one graph)
   g32/dynamic, g1/dynamic  the dynamic cache at G=32 and G=1: a step time flat in G means the
                      decode is bound by per-step overhead (launches, Python), not by reading weights
-Each: one warm-up call (full length where it compiles: its seconds are the compile time; 4 tokens
-otherwise), then the median of `--repeats` calls, ms per decoding step (prefill included, as
+Each other: one warm-up call (full length where it compiles: its seconds are the compile time; 4
+tokens otherwise), then the median of `--repeats` calls, ms per decoding step (prefill included, as
 check_gpu's figure) and generated tokens/s. A measurement that fails prints one error line and the
-next one runs; once `--budget-s` has passed since the start, the rest are skipped. One
+next one runs; once `--budget-s` has passed since the start, the rest are skipped (a run sized to
+stay under ~170 s: `--budget-s 170`; g1 may then be skipped). One
 `decode NAME: ...` line each, then one JSON line. Caches (inductor, triton) and data live in a
 temporary folder. `--smoke`: the same code at check_gpu's smoke scale on the CPU, compiled with
-the `eager` backend (dynamo's capture without inductor's slow C++ build).
+the `eager` backend (dynamo's capture without inductor's slow C++ build; g8/dx-compiled passes it as
+generate's compile_backend, since transformers compiles only on accelerators by itself).
 """
 
 from __future__ import annotations
@@ -44,9 +51,14 @@ import torch  # noqa: E402
 from bench_generate_cache import set_variant  # noqa: E402
 
 QUESTION = "Is this image real or fake?"
+# g8/dx-compiled's later calls: 29 more prompt tokens, still QUESTION's bucket (GPU scale: 213 and
+# 242 prompt tokens + 128 -> 512 slots; --smoke: 117 and 146 + 8 -> 256); the row reports both
+# prompt lengths and the cache length, so a bucket crossing would show
+LONG_QUESTION = "Is this photograph real, or was it made by a generator? Explain."
 WARMUP_TOKENS = 4  # warm-up length where nothing compiles (kernels and allocator only)
+# (name, G or None = the scale's group, variant)
 PLAN = [("g8", None, "dynamic"), ("g8", None, "static"), ("g8", None, "static+compile"),
-        ("g32", 32, "dynamic"), ("g1", 1, "dynamic")]  # (name, G or None = the scale's group, variant)
+        ("g8", None, "dx-compiled"), ("g32", 32, "dynamic"), ("g1", 1, "dynamic")]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -77,20 +89,24 @@ def dynamo_counters() -> dict:
         return {}
 
 
-def timed_generate(bundle, image, group: int, tokens: int) -> tuple[float, object]:
+def timed_generate(bundle, image, group: int, tokens: int, question: str = QUESTION,
+                   **decoding) -> tuple[float, object]:
+    """One call of dx's generate; `decoding`: its compiled / compile_backend arguments."""
     from dxcli.model.generate import generate
 
     bundle.model.generation_config.min_new_tokens = tokens
     check_gpu.sync()
     started = time.perf_counter()
-    gen = generate(bundle, [image], [QUESTION], max_new_tokens=tokens, temperature=1.0, top_p=0.7,
-                   samples_per_image=group, seed=0)
+    gen = generate(bundle, [image], [question], max_new_tokens=tokens, temperature=1.0, top_p=0.7,
+                   samples_per_image=group, seed=0, **decoding)
     check_gpu.sync()
     return time.perf_counter() - started, gen
 
 
 def measure(bundle, image, group: int, variant: str, tokens: int, args: argparse.Namespace) -> tuple[dict, list]:
     """One warm-up call, then `repeats` timed calls; figures and the last call's token ids."""
+    if variant == "dx-compiled":
+        return measure_dx_compiled(bundle, image, group, tokens, args)
     apply_variant(bundle.model, variant, args.compile_backend)
     check_gpu.reset_peak()
     warmup_tokens = tokens if "compile" in variant else min(WARMUP_TOKENS, tokens)
@@ -107,6 +123,43 @@ def measure(bundle, image, group: int, variant: str, tokens: int, args: argparse
                lengths_ok=len(gen.texts) == group and lengths == [tokens], lengths=lengths,
                peak_gib=check_gpu.peak_gib())
     return row, gen.token_ids
+
+
+def measure_dx_compiled(bundle, image, group: int, tokens: int, args: argparse.Namespace) -> tuple[dict, list]:
+    """dx's generate(compiled=True): the first call (compile) with QUESTION, then `repeats` calls with
+    LONG_QUESTION; figures and the FIRST call's token ids (same question and seed as g8/dynamic)."""
+    set_variant(bundle.model, "dynamic")  # the model's own config as dx leaves it; generate brings the rest
+    # the static variants above left transformers' sticky cache length (prompt + 127, no bucket) on
+    # the model; dx alone only ever leaves bucket multiples there, so start as a fresh process would
+    if hasattr(bundle.model, "_previous_max_cache_length"):
+        del bundle.model._previous_max_cache_length
+    # inductor on the GPU is dx's own choice (compile_backend None); elsewhere the backend is forced
+    backend = None if args.compile_backend == "inductor" and torch.cuda.is_available() else args.compile_backend
+    check_gpu.reset_peak()
+    start = dynamo_counters()
+    first_s, first = timed_generate(bundle, image, group, tokens, compiled=True, compile_backend=backend)
+    after_first = dynamo_counters()
+    times = []
+    for _ in range(args.repeats):
+        seconds, gen = timed_generate(bundle, image, group, tokens, LONG_QUESTION, compiled=True,
+                                      compile_backend=backend)
+        times.append(seconds)
+    end, median = dynamo_counters(), statistics.median(times)
+    lengths = sorted({len(ids) for ids in [*first.token_ids, *gen.token_ids]})
+    row = dict(group=group, new_tokens=tokens, first_call_s=round(first_s, 2),
+               ms_per_step=round(1000 * median / tokens, 2), tokens_per_s=round(group * tokens / median),
+               median_s=round(median, 3), min_s=round(min(times), 3),
+               prompt_len_first=first.prompt_ids.shape[1], prompt_len_later=gen.prompt_ids.shape[1],
+               cache_len=getattr(bundle.model, "_previous_max_cache_length", None),
+               graphs_first_call=_delta(start, after_first, "graphs"),
+               recompiles_later=_delta(after_first, end, "graphs"),
+               lengths_ok=len(gen.texts) == group and lengths == [tokens], lengths=lengths,
+               peak_gib=check_gpu.peak_gib())
+    return row, first.token_ids
+
+
+def _delta(before: dict, after: dict, key: str) -> int | None:
+    return after[key] - before[key] if key in before and key in after else None
 
 
 def run(scale: check_gpu.Scale, args: argparse.Namespace, work: Path, results: dict) -> None:
