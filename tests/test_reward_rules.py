@@ -26,14 +26,12 @@ from dxcli.rl.rewards import (
 )
 from reward_probes import NEGATION_PROBES
 
-# Probes the default rule (the last 3 words of the clause) labels wrongly, and why. Strict: a
-# probe that starts passing fails the test, so this list follows the default rule.
+# Probes the default rules (4 words of the clause, verdict words not evidence) label wrongly, and
+# why. Strict: a probe that starts passing fails the test, so this list follows the default rules.
 DEFAULT_MISSES = {
-    "The texture does not appear to be natural.": "'not' is four words before the term",
-    "There is no evidence of any manipulation or tampering.": "'no' is four words before the term",
-    "Neither the eyes nor the mouth show any distortion.": "'nor' is four words before the term",
-    "Edges are sharp, without any warping or distortion.": "'without' does not reach the second term",
-    "The skin does not look waxy or plastic.": "'not' does not reach the second term",
+    "The image does not look fake.": "verdict words are not evidence (verdict_words: false)",
+    "Neither the eyes nor the mouth show any distortion.": "'nor' is five words before the term",
+    "The eyes are not symmetric and look deformed.": "'not' reaches 'deformed', four words on",
     "There's no way this skin texture is natural.": "'no' is six words before the term",
     "The face does not have the uncanny smoothness typical of generated images.":
         "'not' does not reach the second term",
@@ -60,11 +58,12 @@ def with_rules(base: Lexicon, **rules: object) -> Lexicon:
 # ------------------------------------------------------------------ defaults
 
 
-def test_shipped_and_missing_keys_keep_todays_rules(lexicon: Lexicon) -> None:
+def test_shipped_and_missing_keys_take_the_measured_rules(lexicon: Lexicon) -> None:
+    # the values tests/bench/bench_reward_rules.py and the probes chose (METHOD.md §9)
     rules = ("negation_window", "negation_unit", "section_titles", "verdict_words")
-    assert [getattr(lexicon, key) for key in rules] == [3, "words", True, True]
+    assert [getattr(lexicon, key) for key in rules] == [4, "words", False, False]
     bare = lexicon_from_dict({"negators": lexicon.negators, "fake": lexicon.fake, "real": lexicon.real})
-    assert [getattr(bare, key) for key in rules] == [3, "words", True, True]
+    assert [getattr(bare, key) for key in rules] == [4, "words", False, False]
 
 
 # ------------------------------------------------------------------ negation probes
@@ -111,11 +110,11 @@ def test_words_window_counts_words_of_the_clause(lexicon: Lexicon) -> None:
 
 
 def test_a_restated_verdict_is_no_evidence_without_verdict_words(lexicon: Lexicon) -> None:
-    off = with_rules(lexicon, verdict_words=False)
+    off, on = lexicon, with_rules(lexicon, verdict_words=True)  # off is the default
     for text in ("This image is fake.", "The image looks real.", "These are fakes.",
                  "This image is not real."):
         assert paragraph_label(text, off) is None, text
-    assert paragraph_label("This image is fake.", lexicon) == "fake"  # on: it votes
+    assert paragraph_label("This image is fake.", on) == "fake"  # on: it votes
     # other terms still count, including those that contain a verdict word
     assert paragraph_label("The skin looks realistic.", off) == "real"
     assert paragraph_label("A deepfake of a face.", off) == "fake"
@@ -124,9 +123,9 @@ def test_a_restated_verdict_is_no_evidence_without_verdict_words(lexicon: Lexico
 
 def test_restating_the_verdict_earns_no_consistency_without_verdict_words(lexicon: Lexicon) -> None:
     response = "This image is fake.\n\nIt is clearly fake.\n\n### Answer: fake"
-    off = score_response(response, lexicon=with_rules(lexicon, verdict_words=False), keywords=False)
+    off = score_response(response, lexicon=lexicon, keywords=False)  # the default
     assert off.labels[:2] == [None, None] and off.pcr == [1.0, 1.0, 0.0]
-    on = score_response(response, lexicon=lexicon, keywords=False)
+    on = score_response(response, lexicon=with_rules(lexicon, verdict_words=True), keywords=False)
     assert on.labels[:2] == ["fake", "fake"] and on.pcr == [1.0, 1.0, 1.0]
 
 
@@ -134,16 +133,16 @@ def test_restating_the_verdict_earns_no_consistency_without_verdict_words(lexico
 
 
 def test_a_section_title_is_no_evidence_without_section_titles(lexicon: Lexicon) -> None:
-    off = with_rules(lexicon, section_titles=False)
+    off, on = lexicon, with_rules(lexicon, section_titles=True)  # off is the default
     assert paragraph_label("**Artifacts**: none are visible.", off) is None
     assert paragraph_label("**Artifacts**: no visible artifacts.", off) == "real"
-    assert paragraph_label("**Artifacts**: none are visible.", lexicon) == "fake"
-    assert paragraph_label("**Artifacts**: no visible artifacts.", lexicon) is None  # a tie
+    assert paragraph_label("**Artifacts**: none are visible.", on) == "fake"
+    assert paragraph_label("**Artifacts**: no visible artifacts.", on) is None  # a tie
     for text in ("## Artifacts\nThe skin is natural.", "###### Warping\nThe skin is natural.",
                  "Warping artifacts: the skin is natural.", "**Warping:** the skin is natural.",
                  "  __The halo check__: the skin is natural."):
         assert paragraph_label(text, off) == "real", text
-        assert paragraph_label(text, lexicon) != "real", text
+        assert paragraph_label(text, on) != "real", text
     # a title leaves the terms after it as they are, with their own text
     assert [(m, cls) for m, cls, _ in off.evidence("**Artifacts**: waxy, no artifacts")] == [
         ("waxy", "fake"), ("artifacts", "real")]
@@ -156,7 +155,8 @@ def test_what_is_not_a_section_title(lexicon: Lexicon) -> None:
     assert paragraph_label("The skin is waxy. **Artifacts**: none.", off) == "fake"
     assert title_end("### answer: fake") == 0 and title_end("**answer: fake**") == 0
     final = "### Answer: fake"
-    assert paragraph_label(final, off) == "fake" and parse_answer(final) == "fake"
+    counted = with_rules(off, verdict_words=True)  # the marker line's verdict word is not cut as a title
+    assert paragraph_label(final, counted) == "fake" and parse_answer(final) == "fake"
     assert score_response("Waxy skin.\n\n" + final, lexicon=off, keywords=False).pcr == [1.0, 1.0]
 
 

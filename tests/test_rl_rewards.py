@@ -68,7 +68,7 @@ def test_keyword_falls_back_to_the_first_three_words() -> None:
         ("The texture looks unrealistic.", "fake"),  # not "realistic"
         ("no artifacts; natural pores", "real"),  # "no" negates artifacts, not natural
         ("Natural skin, but no pores at all", None),  # natural (real) vs "no pores" (fake): tie
-        ("This does not look real.", "fake"),
+        ("This does not look authentic.", "fake"),
         ("It isn\u2019t natural.", "fake"),
         ("The face lacks natural pores", "fake"),
         ("There is an absence of any visible artifacts", "real"),  # "absence of" = one word
@@ -79,7 +79,7 @@ def test_keyword_falls_back_to_the_first_three_words() -> None:
         ("The photo shows a dog.", None),  # no evidence
         ("Not here. Artifacts everywhere.", "fake"),  # negation stops at the clause end
         ("no, artifacts everywhere", "fake"),  # ... and at a comma
-        ("no sign of any blurry edges", "fake"),  # "no" is four words before the term
+        ("no sign of any blurry edges", "real"),  # "no" is four words before the term: the window's reach
         ("Realistic texture", "real"),  # counted once: longest term wins
     ],
 )

@@ -138,12 +138,12 @@ class PrpoConfig:
     vcr_weight: float = 0.5
     pcr_weight: float = 0.5
     loss_agg: str = "token_mean"  # token_mean | seq_mean
-    # which tokens carry the final paragraph's advantage: "paragraph" (METHOD.md §11: all of them) or
-    # "verdict" (only the verdict word; the marker and EOS take the mean of the response's other
-    # tokens) - see tests/bench/README.md for why the second learns where the first does not
-    final_credit: str = "paragraph"
+    # which tokens carry the final paragraph's advantage: "verdict" (only the verdict word; the
+    # marker and EOS take the mean of the response's other tokens) or "paragraph" (all of them, the
+    # original rule); METHOD.md §11: under "paragraph" the policy learns to put off concluding
+    final_credit: str = "verdict"
     # the final paragraph's PCR when the paragraphs before it give a tie or no votes (METHOD.md §9):
-    # 0 keeps this project's rule, 1 the original code's; 0 <= value <= 1
+    # 0 (evidence-free conclusions earn nothing), 1 the original code's; 0 <= value <= 1
     pcr_no_majority: float = 0.0
     updates_per_rollout: int = 1  # optimizer steps per rollout (METHOD.md §13); > 1: the ratio moves, clipping acts
     clip: str | None = None  # VCR: CLIPModel folder/hub id or "open_clip:ARCH[:PRETRAINED_OR_FILE]"; None -> off

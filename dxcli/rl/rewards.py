@@ -99,10 +99,11 @@ class Lexicon:
     real: list[str]
     fake: list[str]
     negators: list[str]
-    negation_window: int = 3
+    # defaults chosen by tests/bench/bench_reward_rules.py and the negation probes (METHOD.md §9)
+    negation_window: int = 4
     negation_unit: str = "words"  # words: last N words of the clause; chars: last N characters
-    section_titles: bool = True  # False: a paragraph's leading title is not evidence
-    verdict_words: bool = True  # False: the bare verdict words ("real", "fake") are not evidence
+    section_titles: bool = False  # False: a paragraph's leading title is not evidence
+    verdict_words: bool = False  # False: the bare verdict words ("real", "fake") are not evidence
     source: str = "<memory>"
     _pattern: re.Pattern = field(init=False, repr=False)
     _classes: list[str] = field(init=False, repr=False)
@@ -233,15 +234,16 @@ def _term_list(data: dict, key: str, source: str) -> list[str]:
 def _rule_settings(data: dict, source: str) -> dict[str, Any]:
     """The matching-rule keys, checked; a missing key keeps the rule as it was before the key
     existed (3 words, titles and verdict words counted)."""
-    window = data.get("negation_window", 3)
+    defaults = Lexicon.__dataclass_fields__  # a missing key takes the dataclass default
+    window = data.get("negation_window", defaults["negation_window"].default)
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise DxError(f"{source}: 'negation_window' must be a positive integer, got {window!r}")
-    unit = data.get("negation_unit", "words")
+    unit = data.get("negation_unit", defaults["negation_unit"].default)
     if not isinstance(unit, str) or unit not in NEGATION_UNITS:
         raise DxError(f"{source}: 'negation_unit' must be words or chars, got {unit!r}")
     settings: dict[str, Any] = {"negation_window": window, "negation_unit": unit}
     for key in _SWITCHES:
-        value = data.get(key, True)
+        value = data.get(key, defaults[key].default)
         if not isinstance(value, bool):
             raise DxError(f"{source}: '{key}' must be true or false, got {value!r}")
         settings[key] = value
