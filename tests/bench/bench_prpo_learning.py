@@ -18,9 +18,10 @@ Reports
 Ends with one JSON line.
 
 `--algo grpo` (ground-truth labels) is the control: same loop, one reward per response.
-`--final-credit verdict` sets `prpo.final_credit=verdict`: only the verdict word's tokens carry the
-final paragraph's (PCR) advantage; the rest of the final paragraph (the answer marker, EOS) takes
-the mean advantage of the response's other tokens (see the note in tests/bench/README.md).
+`--final-credit` sets `prpo.final_credit` (default `verdict`, dx's own default): only the verdict
+word's tokens carry the final paragraph's (PCR) advantage; the rest of the final paragraph (the
+answer marker, EOS) takes the mean advantage of the response's other tokens (`paragraph`, the
+original rule, gives it to all of them; see the note in tests/bench/README.md).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--instruct-steps", type=int, default=80, help="instruct optimizer steps (weak on purpose)")
     parser.add_argument("--n-train", type=int, default=100, help="demo train images per domain")
     parser.add_argument("--n-test", type=int, default=24, help="demo test images per domain")
-    parser.add_argument("--final-credit", choices=("paragraph", "verdict"), default="paragraph",
+    parser.add_argument("--final-credit", choices=("paragraph", "verdict"), default="verdict",
                         help="prpo.final_credit (paragraph: METHOD.md §11; verdict: only the verdict word)")
     parser.add_argument("--updates-per-rollout", type=int, default=1, help="prpo.updates_per_rollout")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="extra --set for the PRPO run")
