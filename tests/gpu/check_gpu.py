@@ -28,6 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -220,9 +221,13 @@ def check_generation(bundle, scale: Scale, image) -> None:
 # ---------------------------------------------------------------------- 3. one PRPO step
 
 
-def prpo_state(bundle, scale: Scale, shapes: Path, data: Path, records: list, work: Path):
+def prpo_state(bundle, scale: Scale, shapes: Path, data: Path, records: list, work: Path,
+               sets: tuple[str, ...] = (), steps: int = 1, adapt: Callable[[Any], None] | None = None):
     """PRPO's training state around `bundle` as `dxcli.training.prpo.setup` builds it, minus loading:
-    the 7B is already on the GPU, and a checkpoint round trip would cost minutes of disk."""
+    the 7B is already on the GPU, and a checkpoint round trip would cost minutes of disk. `sets`
+    override the config; `steps` is the schedule's length (its cosine reaches lr 0 at the last);
+    `adapt` is called on the LoRA model before DeepSpeed partitions it (e.g. to start the adapters
+    elsewhere than peft's B = 0)."""
     from dxcli import config
     from dxcli.model.lora import apply_lora
     from dxcli.rl.rewards import load_lexicon
@@ -234,18 +239,20 @@ def prpo_state(bundle, scale: Scale, shapes: Path, data: Path, records: list, wo
     G = scale.group
     cfg = config.resolve("h100x2", [*planner_sets(scale, shapes), "hardware.zero_stage=3", "prpo.images_per_step=1",
                                     f"prpo.group_size={G}", f"prpo.max_new_tokens={scale.new_tokens}",
-                                    f"hardware.micro_batch={G}", "train.grad_checkpointing=true"]).config
+                                    f"hardware.micro_batch={G}", "train.grad_checkpointing=true", *sets]).config
     dist = init_distributed()
     bundle.model = apply_lora(bundle.model, cfg.model.lora)  # the profile's LoRA (r=16, PRPO)
     bundle.model.freeze(vision=True, llm=False, projector=True, head=True)
     bundle.model.gradient_checkpointing_enable()
+    if adapt is not None:
+        adapt(bundle.model)
     ds_config = ds.deepspeed_config(cfg, lr=cfg.prpo.lr, world=1)
     ds_config.update(train_micro_batch_size_per_gpu=G, gradient_accumulation_steps=1, train_batch_size=G)
-    engine, scheduler = ds.initialize(bundle.model, ds_config, 1, 0.0)
+    engine, scheduler = ds.initialize(bundle.model, ds_config, steps, 0.0)
     bundle.model = engine.module
     job = prpo.PrpoJob(run_dir=str(work), config="", records="", images=str(data), model="")
     return prpo.PrpoState(job, cfg, dist, bundle, engine, scheduler, None, None, load_lexicon(), records,
-                          ResumableShardSampler(len(records), 0, 1, 0), total_steps=1, chunks=1)
+                          ResumableShardSampler(len(records), 0, 1, 0), total_steps=steps, chunks=1)
 
 
 def check_prpo_step(bundle, scale: Scale, shapes: Path, data: Path, records: list, work: Path) -> None:
