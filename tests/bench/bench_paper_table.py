@@ -8,7 +8,7 @@ For each seed S and held-out domain D of the hard demo data (`dx dataset demo --
 1. SFT on the other domains: `loo_sft.loo_sft` (align + instruct, the same `dx` commands and
    work-folder layout as `tests/bench/loo_sft.py`, so a loo_sft.py `--work` folder resumes here).
 2. RL from that SFT checkpoint, `dx train prpo` (cpu-tiny, `hardware.threads=1`, VCR off: the
-   reward is PCR alone), `--steps` steps each:
+   reward is PCR alone; `--set prpo.clip=FOLDER` turns VCR on), `--steps` steps each:
    - `grpo-maj`: `--algo grpo --labels majority --split test --domain D` (test-time RL, TTRL-style
      majority pseudo-labels on D's unlabeled test images);
    - `prpo-maj`: `--algo prpo --labels majority --split test --domain D` (PRPO uses no label);
@@ -63,7 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="suffix of the RL run folders and answer files (another RL setting beside the first)")
     parser.add_argument("--profile", default="cpu-tiny")
     parser.add_argument("--set", dest="sets", action="append", default=[],
-                        help="extra --set for SFT, RL and eval (hardware.threads=1 is always set)")
+                        help="extra --set for SFT, RL and eval (hardware.threads=1 is always set); "
+                             "VCR on: --set prpo.clip=FOLDER (e.g. tests/bench/train_demo_clip.py's --out), "
+                             "read by the RL runs only (an existing SFT checkpoint is reused, not retrained)")
     parser.add_argument("--work", type=Path, default=None, help="work folder, kept and reused (default: a temp folder)")
     parser.add_argument("--verbose", action="store_true", help="print each dx command and its output")
     args = parser.parse_args(argv)
@@ -155,6 +157,12 @@ def one_domain(run: Runner, data: Path, work: Path, domain: str, domains_all: li
     return rows
 
 
+def vcr_setting(args: argparse.Namespace) -> str:
+    """What the run's last `--set prpo.clip=...` says: the CLIP that scores VCR, or VCR off."""
+    clips = [s.split("=", 1)[1] for s in args.sets if s.startswith("prpo.clip=")]
+    return f"VCR on (prpo.clip={clips[-1]})" if clips and clips[-1] not in ("", "null", "None") else "VCR off"
+
+
 def spread(values: list[float]) -> tuple[float | None, float | None]:
     values = [v for v in values if v is not None]
     if not values:
@@ -215,10 +223,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"final PCR {_fmt(row['final_pcr'])}", flush=True)
             print(f"seed {seed} held-out {domain}: {time.time() - t:.0f} s this run", flush=True)
     print(f"\nRL: {args.steps} steps, G={args.group_size}, {args.images_per_step} images/step, lr={args.lr}, "
-          f"max_new_tokens={args.max_new_tokens}, final_credit={args.final_credit}, VCR off; "
+          f"max_new_tokens={args.max_new_tokens}, final_credit={args.final_credit}, {vcr_setting(args)}; "
           f"{time.time() - started:.0f} s this invocation (finished steps skipped)")
     summary = print_tables(rows, domains, methods)
-    print(json.dumps({"bench": "paper_table", "work": str(work), "tag": args.tag, "domains": domains, "seeds": seeds,
+    print(json.dumps({"bench": "paper_table", "work": str(work), "tag": args.tag, "vcr": vcr_setting(args), "domains": domains, "seeds": seeds,
                       "steps": args.steps, "lr": args.lr, "group_size": args.group_size,
                       "images_per_step": args.images_per_step, "max_new_tokens": args.max_new_tokens,
                       "final_credit": args.final_credit, "rows": rows, "summary": summary}))
