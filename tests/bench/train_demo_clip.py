@@ -31,7 +31,9 @@ import json
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -141,13 +143,131 @@ def verdict_auc(scorer, items: list[dict]) -> float | None:
     return auc((sims[:, 1] - sims[:, 0]).tolist(), [item["label"] == "fake" for item in items])
 
 
+@dataclass
+class Training:
+    """Everything the epochs read: the model, its inputs, and which texts each image matches."""
+
+    model: Any
+    tokenizer: Any
+    processor: Any
+    pixels: Any  # [n, 3, H, W]
+    tokens: Any  # every distinct text, tokenized once
+    verdict_ids: Any  # the text indices of "real", "fake"
+    labels: Any  # [n] index into VERDICTS
+    positives: list[list[int]]  # per image, the text indices it pairs with
+
+
+def prepare(args: argparse.Namespace, train_domains: list[str]) -> Training:
+    import torch
+    from PIL import Image
+
+    started = time.time()
+    train = load_pairs(args.data, train_domains, "train", with_keywords=True)
+    texts = sorted({t for item in train for t in item["texts"]})
+    print(f"train: {len(train)} images of {train_domains}, {len(texts)} distinct texts "
+          f"({sum(len(i['texts']) for i in train)} pairs); keywords in {time.time() - started:.1f} s", flush=True)
+    tokenizer = build_tokenizer([item["reasoning"] for item in train] + list(VERDICTS) * 20 + texts, args.vocab)
+    size = Image.open(train[0]["path"]).size[0]
+    model, processor = build_model(args, tokenizer, size)
+    text_index = {t: k for k, t in enumerate(texts)}
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"CLIPModel {n_params / 1e6:.2f} M parameters, images {size} px, patch {args.patch}, width {args.width}, "
+          f"vision {args.vision_layers} / text {args.text_layers} layers", flush=True)
+    return Training(
+        model, tokenizer, processor,
+        pixels=processor(images=[Image.open(i["path"]).convert("RGB") for i in train],
+                         return_tensors="pt")["pixel_values"],
+        tokens=tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt"),
+        verdict_ids=torch.tensor([text_index[v] for v in VERDICTS]),
+        labels=torch.tensor([VERDICTS.index(i["label"]) for i in train]),
+        positives=[[text_index[t] for t in i["texts"]] for i in train])
+
+
+def batch_loss(data: Training, idx: Any, verdict_weight: float) -> tuple[Any, Any, int]:
+    """Multi-positive contrastive loss (both directions) over the texts the batch uses, plus a
+    real/fake cross-entropy on the verdict texts; returns (loss, verdict loss, verdicts right)."""
+    import torch
+    import torch.nn.functional as F
+
+    from dxcli.rl.clip import _unit  # transformers 5 returns output objects
+
+    model = data.model
+    pixels = data.pixels[idx]
+    flip = torch.rand(len(idx)) < 0.5  # horizontal flips: the demo artifacts have no left/right
+    pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+    used = sorted({k for i in idx.tolist() for k in data.positives[i]} | set(data.verdict_ids.tolist()))
+    col = {k: c for c, k in enumerate(used)}
+    target = torch.zeros(len(idx), len(used))
+    for r, i in enumerate(idx.tolist()):
+        for k in data.positives[i]:
+            target[r, col[k]] = 1.0
+    img = _unit(model.get_image_features(pixel_values=pixels))
+    used_t = torch.tensor(used)
+    txt = _unit(model.get_text_features(input_ids=data.tokens["input_ids"][used_t],
+                                        attention_mask=data.tokens["attention_mask"][used_t]))
+    logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
+    i2t = -(target / target.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+    t2i = -(target / target.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0).mean()
+    verdict_logits = logits[:, [col[k] for k in data.verdict_ids.tolist()]]
+    verdict = F.cross_entropy(verdict_logits, data.labels[idx])
+    right = int((verdict_logits.argmax(1) == data.labels[idx]).sum())
+    return (i2t + t2i) / 2 + verdict_weight * verdict, verdict, right
+
+
+def train(data: Training, args: argparse.Namespace) -> int:
+    """AdamW with a one-cycle schedule; stops early past --max-seconds. Returns the epochs run."""
+    import torch
+
+    model, n = data.model, len(data.labels)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, pct_start=0.1,
+                                                   total_steps=args.epochs * -(-n // args.batch))
+    model.train()
+    started = time.time()
+    for epoch in range(args.epochs):
+        order = torch.randperm(n)
+        total, verdict_total, correct = 0.0, 0.0, 0
+        for start in range(0, n, args.batch):
+            idx = order[start:start + args.batch]
+            loss, verdict, right = batch_loss(data, idx, args.verdict_weight)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            total, verdict_total = total + loss.item() * len(idx), verdict_total + verdict.item() * len(idx)
+            correct += right
+        elapsed = time.time() - started
+        print(f"epoch {epoch + 1:3d}  loss {total / n:.4f}  verdict CE {verdict_total / n:.4f}  "
+              f"train verdict acc {correct / n:.3f}  {elapsed:.0f} s", flush=True)
+        if elapsed > args.max_seconds:
+            print(f"stopping: past --max-seconds {args.max_seconds:.0f}", flush=True)
+            break
+    return epoch + 1
+
+
+def save_and_check(data: Training, args: argparse.Namespace, train_domains: list[str]) -> dict[str, float]:
+    """Save the folder, load it back the way `--clip FOLDER` does, and measure verdict AUCs."""
+    from dxcli.rl.clip import ClipScorer
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    data.model.eval()
+    for part in (data.model, data.tokenizer, data.processor):
+        part.save_pretrained(args.out)
+    scorer = ClipScorer.load(str(args.out.resolve()))
+    splits = {f"held_out_{args.held_out}_test": ([args.held_out], "test"), "train_domains_val": (train_domains, "val"),
+              "train_domains_test": (train_domains, "test"), "train_domains_train": (train_domains, "train"),
+              **{f"{domain}_test": ([domain], "test") for domain in train_domains}}
+    checks = {name: verdict_auc(scorer, load_pairs(args.data, domains, split, False))
+              for name, (domains, split) in splits.items()}
+    for name, value in checks.items():
+        print(f"AUC of cos(img, 'fake') - cos(img, 'real'), {name}: {value:.3f}")
+    return checks
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
-    import torch.nn.functional as F
-    from PIL import Image
-
-    from dxcli.rl.clip import ClipScorer, _unit  # _unit: transformers 5 returns output objects
 
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -155,89 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.held_out not in DOMAINS_HARD:
         raise SystemExit(f"--held-out: one of {DOMAINS_HARD}")
     train_domains = [d for d in DOMAINS_HARD if d != args.held_out]
+    data = prepare(args, train_domains)
     started = time.time()
-    train = load_pairs(args.data, train_domains, "train", with_keywords=True)
-    texts = sorted({t for item in train for t in item["texts"]})
-    print(f"train: {len(train)} images of {train_domains}, {len(texts)} distinct texts "
-          f"({sum(len(i['texts']) for i in train)} pairs); keywords in {time.time() - started:.1f} s", flush=True)
-
-    tokenizer = build_tokenizer([item["reasoning"] for item in train] + list(VERDICTS) * 20 + texts, args.vocab)
-    size = Image.open(train[0]["path"]).size[0]
-    model, processor = build_model(args, tokenizer, size)
-    pixels = processor(images=[Image.open(i["path"]).convert("RGB") for i in train], return_tensors="pt")["pixel_values"]
-    text_index = {t: k for k, t in enumerate(texts)}
-    tokens = tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
-    verdict_ids = torch.tensor([text_index[v] for v in VERDICTS])
-    labels = torch.tensor([VERDICTS.index(i["label"]) for i in train])
-    positives = [[text_index[t] for t in i["texts"]] for i in train]
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"CLIPModel {n_params / 1e6:.2f} M parameters, images {size} px, patch {args.patch}, width {args.width}, "
-          f"vision {args.vision_layers} / text {args.text_layers} layers", flush=True)
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-    steps_per_epoch = (len(train) + args.batch - 1) // args.batch
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch,
-                                                   pct_start=0.1)
-    model.train()
-    t0 = time.time()
-    for epoch in range(args.epochs):
-        order = torch.randperm(len(train))
-        total, verdict_total, correct = 0.0, 0.0, 0
-        for start in range(0, len(train), args.batch):
-            idx = order[start:start + args.batch]
-            batch_pixels = pixels[idx]
-            flip = torch.rand(len(idx)) < 0.5  # horizontal flips: the demo artifacts have no left/right
-            batch_pixels = torch.where(flip[:, None, None, None], batch_pixels.flip(-1), batch_pixels)
-            used = sorted({k for i in idx.tolist() for k in positives[i]} | set(verdict_ids.tolist()))
-            col = {k: c for c, k in enumerate(used)}
-            target = torch.zeros(len(idx), len(used))
-            for r, i in enumerate(idx.tolist()):
-                for k in positives[i]:
-                    target[r, col[k]] = 1.0
-            img = _unit(model.get_image_features(pixel_values=batch_pixels))
-            used_t = torch.tensor(used)
-            txt = _unit(model.get_text_features(input_ids=tokens["input_ids"][used_t],
-                                                attention_mask=tokens["attention_mask"][used_t]))
-            logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T
-            i2t = -(target / target.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
-            t2i = -(target / target.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0).mean()
-            verdict_logits = logits[:, [col[k] for k in verdict_ids.tolist()]]
-            verdict = F.cross_entropy(verdict_logits, labels[idx])
-            loss = (i2t + t2i) / 2 + args.verdict_weight * verdict
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            total += loss.item() * len(idx)
-            verdict_total += verdict.item() * len(idx)
-            correct += int((verdict_logits.argmax(1) == labels[idx]).sum())
-        elapsed = time.time() - t0
-        print(f"epoch {epoch + 1:3d}  loss {total / len(train):.4f}  verdict CE {verdict_total / len(train):.4f}  "
-              f"train verdict acc {correct / len(train):.3f}  {elapsed:.0f} s", flush=True)
-        if elapsed > args.max_seconds:
-            print(f"stopping: past --max-seconds {args.max_seconds:.0f}", flush=True)
-            break
-    train_s = time.time() - t0
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    for part in (model, tokenizer, processor):
-        part.save_pretrained(args.out)
-    scorer = ClipScorer.load(str(args.out.resolve()))  # the way `--clip FOLDER` loads it
-    checks = {
-        f"held_out_{args.held_out}_test": verdict_auc(scorer, load_pairs(args.data, [args.held_out], "test", False)),
-        "train_domains_val": verdict_auc(scorer, load_pairs(args.data, train_domains, "val", False)),
-        "train_domains_test": verdict_auc(scorer, load_pairs(args.data, train_domains, "test", False)),
-        "train_domains_train": verdict_auc(scorer, load_pairs(args.data, train_domains, "train", False)),
-    }
-    for domain in train_domains:
-        checks[f"{domain}_test"] = verdict_auc(scorer, load_pairs(args.data, [domain], "test", False))
-    for name, value in checks.items():
-        print(f"AUC of cos(img, 'fake') - cos(img, 'real'), {name}: {value:.3f}")
+    epochs = train(data, args)
+    train_s = time.time() - started
+    checks = save_and_check(data, args, train_domains)
     print(json.dumps({"bench": "train_demo_clip", "data": str(args.data), "held_out": args.held_out,
-                      "out": str(args.out), "train_s": round(train_s, 1), "epochs_run": epoch + 1,
-                      "params_m": round(n_params / 1e6, 3), "auc": checks,
+                      "out": str(args.out), "train_s": round(train_s, 1), "epochs_run": epochs,
+                      "params_m": round(sum(p.numel() for p in data.model.parameters()) / 1e6, 3), "auc": checks,
                       "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}))
     return 0
 
