@@ -232,9 +232,9 @@ def _term_list(data: dict, key: str, source: str) -> list[str]:
 
 
 def _rule_settings(data: dict, source: str) -> dict[str, Any]:
-    """The matching-rule keys, checked; a missing key keeps the rule as it was before the key
-    existed (3 words, titles and verdict words counted)."""
-    defaults = Lexicon.__dataclass_fields__  # a missing key takes the dataclass default
+    """The matching-rule keys, checked; a missing key takes `Lexicon`'s default (the measured
+    rules: 4 words, titles and bare verdict words not evidence)."""
+    defaults = Lexicon.__dataclass_fields__
     window = data.get("negation_window", defaults["negation_window"].default)
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise DxError(f"{source}: 'negation_window' must be a positive integer, got {window!r}")
