@@ -262,3 +262,21 @@ def test_resume_without_a_checkpoint_says_so(tmp_path, demo_root):
     (out / "config.yaml").write_text("{}")
     result = runner.invoke(app, ["train", "align", "--data", str(demo_root), "--out", str(out), "--resume"])
     assert result.exit_code == 1 and "no checkpoint" in result.output
+
+
+def test_a_head_left_at_chance_is_reported(tmp_path):
+    """An instruct run whose binary head ended at ln 2 (no better than a coin) says so; a head
+    that learned, a smoke-length run, and a run without metrics say nothing."""
+    from dxcli.jobs.stages import sft_head_warning
+
+    def warning(losses: list[float], every: int = 5) -> str | None:
+        rows = [{"step": every * (i + 1), "bin_loss": loss} for i, loss in enumerate(losses)]
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return sft_head_warning(tmp_path)
+
+    assert sft_head_warning(tmp_path / "missing") is None
+    chance = warning([0.693, 0.692, 0.694, 0.691, 0.694, 0.693])  # logged up to step 30
+    assert chance is not None and "binary head did not learn" in chance and "0.693" in chance
+    assert warning([0.69, 0.5, 0.3, 0.2, 0.1, 0.05]) is None  # it learned
+    assert warning([0.693] * 6, every=2) is None  # 12 steps: a smoke test, too short to judge
+    assert warning([0.3, 0.2, 0.693, 0.692, 0.694, 0.693, 0.69]) is not None  # the end counts

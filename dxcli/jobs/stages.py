@@ -47,7 +47,31 @@ def run_sft_stage(stage: str, *, out: Path, resolved: cfgmod.Resolved, data: Pat
     job = SftJob(stage=stage, run_dir=str(out), config=str(out / "config.yaml"), records=str(records_file),
                  images=str(images_root), model=start, resume=resume)
     launch(stage, job, spec_for(config, spec))  # on --resume, the saved config's process counts
+    warning = sft_head_warning(out) if stage == "instruct" else None  # align is short by design
+    if warning:
+        say(f"warning: {warning}")
     return out / "model"
+
+
+HEAD_CHANCE_LOSS = 0.693  # ln 2: the binary head's loss when its P(fake) says nothing
+HEAD_WARN_STEPS = 20  # shorter runs are smoke tests; their head has had no time to learn
+
+
+def sft_head_warning(run_dir: Path, window: int = 5) -> str | None:
+    """One plain line when the binary head ended an instruct run at chance: the mean `bin_loss` of
+    the last `window` logged steps within 5% of ln 2. Such a model's P(fake) is noise, and its
+    verdicts are often one label for every image (on the hard demo, 2 of 12 leave-one-domain-out
+    instruct runs ended so: tests/bench/README.md)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = [r for r in iter_jsonl(path) if "bin_loss" in r] if path.is_file() else []
+    if len(rows) < window or rows[-1].get("step", 0) < HEAD_WARN_STEPS:
+        return None
+    loss = sum(r["bin_loss"] for r in rows[-window:]) / window
+    if loss < 0.95 * HEAD_CHANCE_LOSS:
+        return None
+    return (f"instruct: the binary head did not learn (bin_loss {loss:.3f} over the last {window} logged steps, "
+            f"chance is {HEAD_CHANCE_LOSS}): its P(fake) is noise and the verdicts may all be one label; "
+            "check the data's labels, or train again with another train.seed or more train.max_steps")
 
 
 def run_prpo_stage(*, out: Path, resolved: cfgmod.Resolved, model: str | None, data: Path | None = None,
