@@ -217,13 +217,8 @@ def report(name: str, figures: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    scale = check_gpu.SCALES["smoke" if args.smoke else "gpu"]
+    scale = check_gpu.process_scale(args.smoke)
     args.compile_backend = args.compile_backend or ("eager" if args.smoke else "inductor")
-    if scale.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no GPU: run with --smoke for the CPU version")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if scale.device == "cpu":
-        torch.set_num_threads(1)  # tiny matrices, as check_gpu --smoke
     results: dict = {"decode": {}, "errors": {}, "skipped": [], "budget_s": args.budget_s,
                      "repeats": args.repeats, "compile_backend": args.compile_backend}
     with tempfile.TemporaryDirectory(prefix="dx-bench-decode-") as tmp:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import tempfile
 import time
@@ -219,14 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="the same code at tiny scale on the CPU")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     args = parser.parse_args(argv)
-    scale = SCALES["smoke" if args.smoke else "gpu"]
-    if scale.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no GPU: run with --smoke for the CPU version")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in check_gpu.LAUNCHER_VARIABLES:  # a group of one of our own, as check_gpu
-        os.environ.pop(name, None)
-    if scale.device == "cpu":
-        torch.set_num_threads(1)
+    scale = check_gpu.process_scale(args.smoke, SCALES)
+    check_gpu.leave_launcher_group()  # a group of one of our own, as check_gpu
     # CUDA: dx's own choice (inductor, CUDA graphs); CPU: transformers would not compile, so force
     # dynamo's capture with the eager backend (no C++ build)
     backend = "eager" if scale.device == "cpu" else None

@@ -348,19 +348,31 @@ def run(scale: Scale, work: Path) -> None:
     check_cli(scale, tokenizer, work, data)
 
 
+def process_scale(smoke: bool, scales: dict[str, Scale] | None = None) -> Scale:
+    """The scale a script runs at (`scales`, default this script's), with this process set up for
+    it: shared by the GPU scripts."""
+    scale = (scales or SCALES)["smoke" if smoke else "gpu"]
+    if scale.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no GPU: run with --smoke for the CPU version")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if scale.device == "cpu":
+        torch.set_num_threads(1)  # tiny matrices, as cpu-tiny: threads only synchronise
+    return scale
+
+
+def leave_launcher_group() -> None:
+    """One process on its own: a caller's process-group address is not ours."""
+    for name in LAUNCHER_VARIABLES:
+        os.environ.pop(name, None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="the same code paths at tiny scale on the CPU")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     args = parser.parse_args(argv)
-    scale = SCALES["smoke" if args.smoke else "gpu"]
-    if scale.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no GPU: run with --smoke for the CPU version")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in LAUNCHER_VARIABLES:  # one process on its own: a caller's process-group address is not ours
-        os.environ.pop(name, None)
-    if scale.device == "cpu":
-        torch.set_num_threads(1)  # tiny matrices, as cpu-tiny: threads only synchronise
+    scale = process_scale(args.smoke)
+    leave_launcher_group()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dx-gpu-check-") as tmp:
         work = args.work or Path(tmp)
