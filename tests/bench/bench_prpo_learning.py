@@ -133,30 +133,39 @@ def greedy_eval(model: Path, questions: Path, data: Path, out: Path) -> dict[str
             "final_pcr": sum(final_pcr) / len(final_pcr)}
 
 
-def sampled_eval(model: Path, data: Path, args: argparse.Namespace, chunk: int = 16) -> dict[str, float]:
+def sampled_eval(model: Path, data: Path, args: argparse.Namespace) -> dict[str, float]:
     """G samples per test image at the training temperature, scored by the PRPO rollout itself
     (the definitions of metrics.jsonl), with fixed seeds: far less noisy than a few training steps."""
+    from dxcli import config
+    from dxcli.rl.rewards import load_lexicon
+
+    cfg = config.resolve("cpu-tiny", [*prpo_sets(args), "prpo.algo=prpo"]).config.prpo
+    return sampled_rollouts(model, data, cfg, load_lexicon())[0]
+
+
+def sampled_rollouts(model: Path, data: Path, cfg, lexicon, seed_offset: int = 0,
+                     chunk: int = 16) -> tuple[dict[str, float], list[str]]:
+    """PRPO rollouts (`cfg`: a prpo section) of every test image, `chunk` images at a time with
+    seed `seed_offset + start`: the EVAL_KEYS means over the images, and every response text."""
     import torch
 
-    from dxcli import config
+    from dxcli.base.images import load_rgb
     from dxcli.data.questions import generate_questions
     from dxcli.model.checkpoint import load_checkpoint
     from dxcli.training.prpo import rollout
-    from dxcli.rl.rewards import load_lexicon
-    from dxcli.base.images import load_rgb
 
     torch.set_num_threads(1)
-    cfg = config.resolve("cpu-tiny", [*prpo_sets(args), "prpo.algo=prpo"]).config.prpo
     bundle = load_checkpoint(model)
     questions = generate_questions(data, n=None, seed=0, balanced=False, split="test")[0]
-    totals = dict.fromkeys(EVAL_KEYS, 0.0)
+    totals, texts = dict.fromkeys(EVAL_KEYS, 0.0), []
     for start in range(0, len(questions), chunk):
         batch = questions[start:start + chunk]
         roll = rollout(bundle, [load_rgb(data / q["image"]) for q in batch], [q["text"] for q in batch],
-                       [q["label"] for q in batch], cfg=cfg, clip=None, lexicon=load_lexicon(), seed=start)
+                       [q["label"] for q in batch], cfg=cfg, clip=None, lexicon=lexicon, seed=seed_offset + start)
         for key in EVAL_KEYS:
             totals[key] += roll.stats[key] * len(batch)
-    return {key: value / len(questions) for key, value in totals.items()}
+        texts += roll.texts
+    return {key: value / len(questions) for key, value in totals.items()}, texts
 
 
 def window_mean(rows: list[dict], key: str) -> float | None:

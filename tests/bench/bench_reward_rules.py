@@ -105,39 +105,21 @@ def learning_args(args: argparse.Namespace, seed: int, sets: list[str]) -> argpa
                                 *[f"--set={s}" for s in [*sets, f"train.seed={seed}"]]])
 
 
-def judge(model: Path, data: Path, args: argparse.Namespace, chunk: int = 16) -> dict[str, float]:
+def judge(model: Path, data: Path, args: argparse.Namespace) -> dict[str, float]:
     """G samples per test image scored by the JUDGE rules, plus the restating share."""
-    import torch
-
     import bench_prpo_learning as learning
     from dxcli import config
-    from dxcli.base.images import load_rgb
-    from dxcli.data.questions import generate_questions
-    from dxcli.model.checkpoint import load_checkpoint
     from dxcli.rl.paragraphs import split_paragraphs
     from dxcli.rl.rewards import load_lexicon
-    from dxcli.training.rollout import rollout
 
-    torch.set_num_threads(1)
     sets = [f"prpo.final_credit={JUDGE['final_credit']}", f"prpo.pcr_no_majority={JUDGE['pcr_no_majority']}"]
     cfg = config.resolve("cpu-tiny", [*learning.prpo_sets(learning_args(args, 0, sets)), "prpo.algo=prpo"]).config.prpo
-    lexicon, bundle = load_lexicon(args.work / "judge" / "lexicon.yaml"), load_checkpoint(model)
-    questions = generate_questions(data, n=None, seed=0, balanced=False, split="test")[0]
-    totals, earlier, restating = {"final_pcr": 0.0, "invalid_rate": 0.0, "answer_accuracy": 0.0, "response_tokens": 0.0}, 0, 0
-    for start in range(0, len(questions), chunk):
-        batch = questions[start:start + chunk]
-        roll = rollout(bundle, [load_rgb(data / q["image"]) for q in batch], [q["text"] for q in batch],
-                       [q["label"] for q in batch], cfg=cfg, clip=None, lexicon=lexicon, seed=10_000 + start)
-        for key in totals:
-            totals[key] += roll.stats[key] * len(batch)
-        for text in roll.texts:
-            body = [p for p in split_paragraphs(text) if not p.is_final]
-            earlier += len(body)
-            restating += sum(bool(VERDICT_WORD.search(p.text)) for p in body)
-    out = {key: value / len(questions) for key, value in totals.items()}
-    out["final_pcr_judge"] = out.pop("final_pcr")
-    out["restating"] = restating / max(earlier, 1)
-    return out
+    means, texts = learning.sampled_rollouts(model, data, cfg, load_lexicon(args.work / "judge" / "lexicon.yaml"),
+                                             seed_offset=10_000)
+    body = [p for text in texts for p in split_paragraphs(text) if not p.is_final]
+    return {"final_pcr_judge": means["final_pcr"], "invalid_rate": means["invalid_rate"],
+            "answer_accuracy": means["answer_accuracy"], "response_tokens": means["response_tokens"],
+            "restating": sum(bool(VERDICT_WORD.search(p.text)) for p in body) / max(len(body), 1)}
 
 
 def run_one(args: argparse.Namespace, variant: str, seed: int) -> dict:
