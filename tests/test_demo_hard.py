@@ -98,3 +98,29 @@ def test_trace_strength_is_graded_per_image():
         strengths = [demo_render.trace_strength(domain, rng) for _ in range(400)]
         assert low <= min(strengths) < low + 0.1 and high - 0.1 < max(strengths) <= high
         assert sum(s < low + 0.15 for s in strengths) >= 20  # some fakes are nearly invisible
+
+
+def test_every_domain_shares_a_period_4_trace_only_in_its_shared_variant():
+    """Transfer across domains goes through the period-4 family: each domain's shared variant
+    leaves a 4-pixel grid, its private variant none (no more than a real crop has)."""
+    from dxcli.data.demo_reasoning import measure
+
+    counts = {"train": 24, "val": 2, "test": 2}
+    jobs = [job for job in demo.plan_jobs(seed=0, counts_per_split=counts, size=96, hard=True)
+            if job.domain == "gan" and job.split == "train"]
+
+    def grid4(pipeline) -> float:
+        rng = np.random.default_rng(0)
+        values = []
+        for job in jobs:
+            pixels = demo_render.real_crop(job)
+            image = pixels if pipeline is None else pipeline(pixels, rng)
+            values.append(measure(np.clip(np.rint(image), 0, 255).astype(np.uint8)).grid4)
+        return float(np.median(values))
+
+    real = grid4(None)
+    for domain in DOMAINS:
+        shared, private = grid4(demo_render.HARD_PIPELINES[domain]), grid4(demo_render.HARD_PRIVATE_PIPELINES[domain])
+        assert shared > 3 * max(private, real), (domain, shared, private, real)
+        assert private < 2 * real, (domain, private, real)
+    assert 0.3 <= demo_render.HARD_SHARED_SHARE <= 0.9

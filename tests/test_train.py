@@ -65,6 +65,27 @@ def test_align_trains_only_projector_and_head(trained):
     assert any("binary_head" in k for k in changed) and any("multi_modal_projector" in k for k in changed)
 
 
+def test_vision_lr_is_the_towers_own_learning_rate(tmp_path, demo_root, trained):
+    """With a near-zero instruct.vision_lr the unfrozen tower stays put while the LLM learns at
+    instruct.lr; without it the tower moves as much as the rest."""
+    from dxcli.jobs.stages import run_sft_stage
+
+    def change(sets: list[str], out: Path) -> dict[str, float]:
+        run = run_sft_stage("instruct", out=out, data=demo_root, model=str(trained["align"]),
+                            say=lambda *_: None,
+                            resolved=config.resolve("cpu-tiny", ["hardware.num_workers=0", "train.max_steps=3",
+                                                                 "train.warmup_ratio=0", *sets]))
+        before, after = state(trained["align"]), state(run)
+        parts = {"vision": "vision_tower", "llm": "language_model"}
+        return {part: max((after[k] - before[k]).abs().max().item() for k in before if mark in k)
+                for part, mark in parts.items()}
+
+    slow = change(["instruct.vision_lr=1e-9"], tmp_path / "slow")
+    assert slow["vision"] < 1e-6 < 1e-4 < slow["llm"], slow
+    same = change([], tmp_path / "same")
+    assert same["vision"] > 1e-4, same
+
+
 def test_instruct_lowers_lm_loss_and_head_separates_test_split(trained, demo_root):
     from sklearn.metrics import roc_auc_score
 

@@ -164,7 +164,7 @@ _RANGES: dict[str, tuple[float, bool]] = {
                      "train.max_grad_norm", "prpo.beta", "prpo.eps_low", "prpo.eps_high", "prpo.vcr_weight",
                      "prpo.pcr_weight", "eval.temperature", "align.bin_alpha", "instruct.bin_alpha"], (0, False)),
     **dict.fromkeys(["train.epochs", "align.lr", "instruct.lr", "prpo.lr", "align.epochs", "instruct.epochs",
-                     "prpo.epochs", "prpo.temperature", "prpo.top_p", "eval.top_p", "prpo.adv_eps"], (0, True)),
+                     "instruct.vision_lr", "prpo.epochs", "prpo.temperature", "prpo.top_p", "eval.top_p", "prpo.adv_eps"], (0, True)),
     "prpo.group_size": (2, False),  # advantages compare samples of one image: one sample has none
 }
 
@@ -182,6 +182,8 @@ def _validate_ranges(config: "DxConfig") -> None:
             raise UsageError(f"{key} must be {bound}, got {value}")
     if config.hardware.zero_stage > 3:
         raise UsageError(f"hardware.zero_stage must be 0, 1, 2 or 3, got {config.hardware.zero_stage}")
+    if config.instruct.vision_lr is not None and not config.instruct.unfreeze_vision:
+        raise UsageError("instruct.vision_lr needs instruct.unfreeze_vision=true (a frozen tower does not learn)")
     if not 0 <= config.prpo.pcr_no_majority <= 1:
         raise UsageError(f"prpo.pcr_no_majority must be between 0 and 1, got {config.prpo.pcr_no_majority}")
 

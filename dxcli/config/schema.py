@@ -119,6 +119,7 @@ class InstructConfig:
     epochs: float | None = None
     bin_alpha: float = 10.0  # L = L_lm + alpha * L_bin
     unfreeze_vision: bool = False  # only for towers without pretrained weights
+    vision_lr: float | None = None  # the unfrozen tower's own lr; None -> instruct.lr
 
 
 @dataclass

@@ -28,13 +28,20 @@ and the reasoning writer, and changes the images:
   (five colour, five grey used as RGB), read from the package folders, offline;
 - camera variations on every crop, real or fake: exposure and tone curve, sometimes defocus,
   sometimes signal-dependent sensor noise, sometimes JPEG compression (an 8-pixel grid in reals);
-- each fake is the crop plus `s` times its domain's trace, `s` drawn per image from a
-  per-domain range (`HARD_STRENGTH`; down to 0.05-0.1, where a trace is hard to see);
-- traces that overlap in part: `gan` stacks two stride-2 transposed convolutions from quarter
-  resolution (checkerboards of period 2 and 4, some softness), `diffusion` smooths, re-noises
-  lightly and leaves 8- and 4-pixel ripples, `banding` and `resample` are the default ones
-  (`resample` at lower strengths). See tests/bench/README.md, "Hard demo: leave-one-domain-out
-  SFT", for what leave-one-domain-out SFT makes of it.
+- each fake is the crop plus `s` times its domain's trace, `s` drawn per image from
+  `HARD_STRENGTH` (0.3 to 1);
+- two generator variants per domain. The shared variant (`HARD_SHARED_SHARE`, 60% of a
+  domain's fakes) has a 4x stage, and its period-4 trace is common to all four domains: `gan`
+  stacks two stride-2 transposed convolutions from quarter resolution (checkerboards of period
+  2 and 4), `diffusion` smooths, re-noises lightly and leaves 8- and 4-pixel ripples, `banding`
+  dithers with the 4-pixel crosshatch, `resample` replicates 4x4 blocks. The private variant
+  (the other 40%) leaves a trace no other domain has: a single period-2 checkerboard, an
+  8-pixel ripple alone, undithered posterisation, a 1.5x bicubic upscale.
+
+A detector trained on three domains can find the fourth's fakes only through the shared
+family, so leave-one-domain-out SFT detects about the shared share of them, while the training
+domains' own private traces are learned. See tests/bench/README.md, "Hard demo:
+leave-one-domain-out SFT", for the measured figures.
 """
 
 from __future__ import annotations

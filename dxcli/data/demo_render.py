@@ -229,10 +229,10 @@ def camera_variation(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray
 # with s = low + (high - low) * u ** shape, u uniform: a share of each domain's fakes sit near
 # `low`, where the trace is hard to see.
 HARD_STRENGTH: dict[str, tuple[float, float, float]] = {
-    "gan": (0.1, 1.0, 1.0),
-    "diffusion": (0.1, 1.0, 1.0),
-    "banding": (0.1, 1.0, 1.0),
-    "resample": (0.05, 0.75, 1.3),
+    "gan": (0.3, 1.0, 1.0),
+    "diffusion": (0.3, 1.0, 1.0),
+    "banding": (0.3, 1.0, 1.0),
+    "resample": (0.3, 1.0, 1.0),
 }
 
 
@@ -241,12 +241,21 @@ def trace_strength(domain: str, rng: np.random.Generator) -> float:
     return float(low + (high - low) * rng.random() ** shape)
 
 
+# Share of each domain's fakes made by its generator's shared variant (with a 4x stage, whose
+# period-4 trace all four domains have in common); the others come from its private variant,
+# whose trace no other domain has. A detector trained on three domains finds the fourth's fakes
+# only through the shared family, so this share bounds its held-out recall.
+HARD_SHARED_SHARE = 0.6
+
+
 def render_hard(job: DemoJob, rng: np.random.Generator) -> np.ndarray:
     """The hard setting's pixels for one job (float32 HxWx3)."""
     pixels = camera_variation(real_crop(job), rng)
     if job.label == "fake":
         strength = trace_strength(job.domain, rng)
-        traced = HARD_PIPELINES[job.domain](pixels, rng)
+        shared = rng.random() < HARD_SHARED_SHARE
+        pipeline = (HARD_PIPELINES if shared else HARD_PRIVATE_PIPELINES)[job.domain]
+        traced = pipeline(pixels, rng)
         pixels = pixels + np.float32(strength) * (traced - pixels)
     return pixels
 
@@ -291,6 +300,49 @@ def hard_diffusion_decoder(pixels: np.ndarray, rng: np.random.Generator) -> np.n
 # gan and diffusion get their hard variants; banding and resample keep the default traces.
 HARD_PIPELINES: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
     **PIPELINES, "gan": hard_gan_upsampler, "diffusion": hard_diffusion_decoder}
+
+
+# The private variants: the same generator kinds without a 4x stage, each leaving a trace of
+# its own: gan a single period-2 checkerboard, diffusion an 8-pixel ripple only, banding flat
+# undithered plateaus, resample a 1.5x bicubic upscale (softness, no fixed grid).
+
+
+def private_gan_upsampler(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One stride-2 transposed convolution from half resolution: period 2 only."""
+    low = _resize(pixels, pixels.shape[0] // 2)
+    return _deconv2x(low, rng.uniform(0.08, 0.14), rng.uniform(2.0, 4.0))
+
+
+def private_diffusion_decoder(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`hard_diffusion_decoder` without the 4-pixel ripple of its last 2x stage."""
+    size = pixels.shape[0]
+    sigma = rng.uniform(1.2, 2.0)
+    smooth = ndimage.gaussian_filter(pixels, sigma=(sigma, sigma, 0))
+    ripple = 1 + rng.uniform(0.05, 0.08) * np.cos(2 * np.pi * (np.arange(8) + 0.5) / 8)
+    level = rng.uniform(1.5, 3.5)
+    noise = rng.normal(0.0, level, (size, size, 1)) + rng.normal(0.0, level * 0.35, pixels.shape)
+    return smooth * _phase_gain(ripple, size) + noise.astype(np.float32)
+
+
+def private_posterise(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`colour_banding` without the dither: flat plateaus and stepped contours, no crosshatch."""
+    smooth = ndimage.gaussian_filter(pixels, sigma=(1.0, 1.0, 0))
+    step = 255.0 / (int(rng.integers(6, 10)) - 1)
+    return np.floor(smooth / step + 0.5) * step
+
+
+def private_bicubic_upscale(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Made at two thirds of the resolution and upscaled 1.5x by bicubic interpolation, with a
+    little sharpening: soft detail and halos, no grid aligned with the pixels."""
+    size = pixels.shape[0]
+    up = _resize(_resize(pixels, int(round(size * 2 / 3))), size, Image.BICUBIC)
+    blurred = ndimage.gaussian_filter(up, sigma=(1.0, 1.0, 0))
+    return up + rng.uniform(0.3, 0.6) * (up - blurred)
+
+
+HARD_PRIVATE_PIPELINES: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+    "gan": private_gan_upsampler, "diffusion": private_diffusion_decoder,
+    "banding": private_posterise, "resample": private_bicubic_upscale}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,12 +38,21 @@ def deepspeed_config(cfg: DxConfig, *, lr: float, world: int, weight_decay: floa
     }
 
 
-def initialize(model, ds_config: dict[str, Any], total_steps: int, warmup_ratio: float) -> tuple[Any, Any]:
-    """(engine, scheduler): DeepSpeed around the trainable parameters, cosine schedule with warm-up."""
+def initialize(model, ds_config: dict[str, Any], total_steps: int, warmup_ratio: float,
+               vision_lr: float | None = None) -> tuple[Any, Any]:
+    """(engine, scheduler): DeepSpeed around the trainable parameters, cosine schedule with warm-up.
+
+    `vision_lr` gives a trainable vision tower its own learning rate (a second parameter group;
+    the schedule scales both groups alike); None keeps one group at the config's lr.
+    """
     import deepspeed
     from transformers import get_cosine_schedule_with_warmup
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable: list = [p for p in model.parameters() if p.requires_grad]
+    if vision_lr is not None:
+        tower = {id(p) for p in model.parts()["vision"] if p.requires_grad}
+        trainable = [{"params": [p for p in trainable if id(p) not in tower]},
+                     {"params": [p for p in trainable if id(p) in tower], "lr": vision_lr}]
     warmup = int(warmup_ratio * total_steps)
     schedule: Callable = lambda opt: get_cosine_schedule_with_warmup(opt, warmup, total_steps)  # noqa: E731
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config,
