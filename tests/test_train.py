@@ -162,6 +162,25 @@ def test_two_process_zero_run(tmp_path, demo_root, trained, zero_stage, one_proc
     assert any(not torch.equal(two[k], start[k]) for k in start)  # the steps changed something
 
 
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_process_vision_lr(tmp_path, demo_root, trained, zero_stage):
+    """The tower's own parameter group under both ZeRO stages on 2 ranks: the tower stays put at a
+    near-zero vision_lr while the LLM learns."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "dxcli", "train", "instruct", "--data", str(demo_root), "--model", str(trained["align"]),
+         "--out", str(out), "--nproc-per-node", "2", "--set", "train.max_steps=2", "--set", "train.warmup_ratio=0",
+         "--set", f"hardware.zero_stage={zero_stage}", "--set", "hardware.num_workers=0", "--set",
+         "hardware.micro_batch=2", "--set", "instruct.vision_lr=1e-9"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    before, after = state(trained["align"]), state(out / "model")
+    moved = {part: max((after[k] - before[k]).abs().max().item() for k in before if part in k)
+             for part in ("vision_tower", "language_model")}
+    assert moved["vision_tower"] < 1e-6 < 1e-4 < moved["language_model"], moved
+
+
 def test_worker_failure_is_the_command_failure(tmp_path, demo_root, trained):
     records = tmp_path / "records.jsonl"
     records.write_text((trained["runs"] / "align" / "train-records.jsonl").read_text())

@@ -184,7 +184,7 @@ def demo(
     out: Annotated[Path, typer.Argument(help="Folder for the demo tree (created).")],
     seed: Annotated[int, typer.Option("--seed", help="The same seed gives byte-identical files.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty OUT (replaces the demo's domain folders).")] = False,
-    hard: Annotated[bool, typer.Option("--hard", help="The harder setting: more photographs (scikit-image's too), camera variations, traces of graded strength; leave-one-domain-out transfer is partial.")] = False,
+    hard: Annotated[bool, typer.Option("--hard", help="The harder setting: more photographs (scikit-image's too), camera variations, traces of graded strength, and in each domain a private generator variant no other domain shares, so SFT on the other domains misses part of a held-out one.")] = False,
 ) -> None:
     """Write the built-in demo data: a small DF-R5-style tree with reasoning, offline, in seconds.
 

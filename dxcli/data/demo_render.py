@@ -227,7 +227,7 @@ def camera_variation(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray
 
 # Per domain: (lowest, highest) trace strength; a fake is blended as crop + s * (trace - crop)
 # with s = low + (high - low) * u ** shape, u uniform: a share of each domain's fakes sit near
-# `low`, where the trace is hard to see.
+# `low`, where the trace is faint.
 HARD_STRENGTH: dict[str, tuple[float, float, float]] = {
     "gan": (0.3, 1.0, 1.0),
     "diffusion": (0.3, 1.0, 1.0),
