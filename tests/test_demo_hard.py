@@ -124,3 +124,18 @@ def test_every_domain_shares_a_period_4_trace_only_in_its_shared_variant():
         assert shared > 3 * max(private, real), (domain, shared, private, real)
         assert private < 2 * real, (domain, private, real)
     assert 0.3 <= demo_render.HARD_SHARED_SHARE <= 0.9
+
+
+def test_hard_fake_trace_replays_the_variant_the_image_was_drawn_with(hard_demo):
+    """A private-variant fake has no 4-pixel grid of its own; a strong shared one does."""
+    from dxcli.data.demo_reasoning import measure
+
+    root, _ = hard_demo
+    jobs = [job for job in demo.plan_jobs(seed=0, counts_per_split=SPLIT_SIZES, size=96, hard=True)
+            if job.label == "fake"]
+    traces = {job.rel: demo_render.hard_fake_trace(job) for job in jobs}
+    assert {variant for variant, _ in traces.values()} == {"shared", "private"}
+    grid = {rel: measure(np.asarray(Image.open(root / rel))).grid4 for rel in traces}
+    private = [grid[rel] for rel, (variant, _) in traces.items() if variant == "private"]
+    strong_shared = [grid[rel] for rel, (variant, s) in traces.items() if variant == "shared" and s > 0.6]
+    assert np.median(strong_shared) > 3 * np.median(private), (strong_shared, private)

@@ -252,12 +252,26 @@ def render_hard(job: DemoJob, rng: np.random.Generator) -> np.ndarray:
     """The hard setting's pixels for one job (float32 HxWx3)."""
     pixels = camera_variation(real_crop(job), rng)
     if job.label == "fake":
-        strength = trace_strength(job.domain, rng)
-        shared = rng.random() < HARD_SHARED_SHARE
-        pipeline = (HARD_PIPELINES if shared else HARD_PRIVATE_PIPELINES)[job.domain]
+        variant, strength = _draw_trace(job.domain, rng)
+        pipeline = (HARD_PIPELINES if variant == "shared" else HARD_PRIVATE_PIPELINES)[job.domain]
         traced = pipeline(pixels, rng)
         pixels = pixels + np.float32(strength) * (traced - pixels)
     return pixels
+
+
+def _draw_trace(domain: str, rng: np.random.Generator) -> tuple[str, float]:
+    strength = trace_strength(domain, rng)
+    return ("shared" if rng.random() < HARD_SHARED_SHARE else "private"), strength
+
+
+def hard_fake_trace(job: DemoJob) -> tuple[str, float]:
+    """(variant, strength) that `render_hard` drew for a hard fake: the same draws replayed, so
+    benches can split results by variant without the data having to record it."""
+    if not (job.hard and job.label == "fake"):
+        raise ValueError(f"{job.rel}: not a hard-setting fake")
+    rng = np.random.default_rng(job.seed)
+    camera_variation(real_crop(job), rng)
+    return _draw_trace(job.domain, rng)
 
 
 def _deconv2x(low: np.ndarray, d: float, bias: float) -> np.ndarray:

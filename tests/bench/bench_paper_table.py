@@ -1,6 +1,6 @@
 """The paper's table in miniature: leave-one-domain-out SFT, then test-time RL on the held-out domain.
 
-Run: python tests/bench/bench_paper_table.py [--domains diffusion,resample] [--seeds 0,1,2]
+Run: python tests/bench/bench_paper_table.py [--domains diffusion,banding] [--seeds 0,1,2] [--parallel 2]
      [--steps 30] [--max-new-tokens 128] [--final-credit verdict] [--work DIR] [--verbose]
 
 For each seed S and held-out domain D of the hard demo data (`dx dataset demo --hard --seed S`):
@@ -23,8 +23,9 @@ For each seed S and held-out domain D of the hard demo data (`dx dataset demo --
 
 Prints one row per method, domain and seed, then mean and spread (population std) over the seeds,
 and ends with one JSON line. Every step whose output exists is skipped: an interrupted run resumes
-with the same --work. Time (shared 2-core machine, one thread): SFT 3-5 min per held-out domain
-and seed, each RL run 1-3 min, each eval under a minute (see tests/bench/README.md).
+with the same --work. `--parallel` held-out runs go at once, each on one thread. Time (2-core
+machine, `--parallel 2`): about 3.5 min of SFT and eval plus 2-3 min of RL and evals per held-out
+domain and seed, so the default (2 domains, 3 seeds) takes about 20 minutes (tests/bench/README.md).
 """
 
 from __future__ import annotations
@@ -35,19 +36,20 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loo_sft import DOMAINS_HARD, Runner, _fmt, loo_sft  # noqa: E402
+from loo_sft import DOMAINS_HARD, Runner, _fmt, fake_variants, loo_sft, recall_by_variant  # noqa: E402
 
 METHODS = ("sft", "grpo-maj", "prpo-maj", "prpo-gt")
-METRICS = ("f1", "accuracy", "invalid_rate", "head_auc", "final_pcr")
+METRICS = ("f1", "accuracy", "invalid_rate", "head_auc", "final_pcr", "recall_shared", "recall_private")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--domains", default="diffusion,resample",
+    parser.add_argument("--domains", default="diffusion,banding",
                         help="held-out domains, comma-separated (default: the two lowest SFT F1 in the README)")
     parser.add_argument("--seeds", default="0,1,2", help="demo data seeds, comma-separated")
     parser.add_argument("--methods", default=",".join(METHODS[1:]), help="RL rows, comma-separated")
@@ -67,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "VCR on: --set prpo.clip=FOLDER (e.g. tests/bench/train_demo_clip.py's --out), "
                              "read by the RL runs only (an existing SFT checkpoint is reused, not retrained)")
     parser.add_argument("--work", type=Path, default=None, help="work folder, kept and reused (default: a temp folder)")
+    parser.add_argument("--parallel", type=int, default=2,
+                        help="held-out domain runs at once (one thread each; 2 on a 2-core machine)")
     parser.add_argument("--verbose", action="store_true", help="print each dx command and its output")
     args = parser.parse_args(argv)
     args.easy = False  # loo_sft's flag: always the hard demo here
@@ -91,8 +95,10 @@ def rl_command(method: str, data: Path, domain: str, domains_all: list[str]) -> 
     return ["--algo", algo, "--labels", labels, *where]
 
 
-def evaluate(answers: Path) -> dict:
-    """Greedy answers on one domain: F1, accuracy, invalid rate, head AUC, final-paragraph PCR."""
+def evaluate(answers: Path, variants: dict[str, str]) -> dict:
+    """Greedy answers on one domain: F1, accuracy, invalid rate, head AUC, final-paragraph PCR,
+    and the recall of the fakes of each generator variant (shared with the training domains or
+    private to the held-out one)."""
     from dxcli.evaluation.score import load_answers, score_rows
     from dxcli.rl.rewards import score_response
 
@@ -102,7 +108,7 @@ def evaluate(answers: Path) -> dict:
     final_pcr = [s.pcr[s.final_index] for s in scores]
     return {"f1": overall.get("f1"), "accuracy": overall.get("accuracy"),
             "invalid_rate": overall.get("invalid_rate"), "head_auc": overall.get("head_auc"),
-            "final_pcr": sum(final_pcr) / len(final_pcr), "n": len(rows)}
+            "final_pcr": sum(final_pcr) / len(final_pcr), **recall_by_variant(rows, variants), "n": len(rows)}
 
 
 def rl_log(run_dir: Path) -> dict:
@@ -121,7 +127,7 @@ def rl_log(run_dir: Path) -> dict:
     return out
 
 
-def one_domain(run: Runner, data: Path, work: Path, domain: str, domains_all: list[str],
+def one_domain(run: Runner, data: Path, seed: int, work: Path, domain: str, domains_all: list[str],
                methods: list[str], args: argparse.Namespace) -> list[dict]:
     sets = [item for s in (["hardware.threads=1"] + args.sets) for item in ("--set", s)]
     common = ["--profile", args.profile, *sets]
@@ -143,7 +149,7 @@ def one_domain(run: Runner, data: Path, work: Path, domain: str, domains_all: li
             seconds[method] = round(time.time() - t, 1)
         models[method] = out / "model"
         logs[method] = rl_log(out)
-    rows = []
+    rows, variants = [], fake_variants(data, seed)
     for method, model in models.items():
         answers = work / f"answers-{domain}-{method}{'' if method == 'sft' else args.tag}.jsonl"
         if not answers.is_file():
@@ -152,7 +158,7 @@ def one_domain(run: Runner, data: Path, work: Path, domain: str, domains_all: li
             run.dx("eval", "infer", "--model", str(model), "--questions", str(questions), "--images", str(data),
                    "--out", str(partial), *common)
             partial.rename(answers)
-        rows.append({"method": method, "held_out": domain, **evaluate(answers), "sft_collapsed": sft["collapsed"],
+        rows.append({"method": method, "held_out": domain, **evaluate(answers, variants), "sft_collapsed": sft["collapsed"],
                      "seconds": seconds.get(method), "rollouts": logs.get(method, {})})
     return rows
 
@@ -207,21 +213,26 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="dx-table-"))
     run = Runner(args.verbose)
     started = time.time()
-    rows = []
-    for seed in seeds:
+    for seed in seeds:  # the data first: parallel jobs of one seed share it
         data = work / f"data-hard-{seed}"
         if not (data / "reasoning.jsonl").is_file():
             run.dx("dataset", "demo", str(data), "--seed", str(seed), "--force", "--hard")
-        for domain in domains:
-            t = time.time()
-            for row in one_domain(run, data, work / f"{data.name}-loo-{domain}", domain, list(DOMAINS_HARD),
-                                  methods, args):
-                row["seed"] = seed
-                rows.append(row)
-                print(f"seed {seed} held-out {domain:10s} {row['method']:9s} F1 {_fmt(row['f1'])}  "
-                      f"acc {_fmt(row['accuracy'])}  invalid {_fmt(row['invalid_rate'])}  "
-                      f"final PCR {_fmt(row['final_pcr'])}", flush=True)
-            print(f"seed {seed} held-out {domain}: {time.time() - t:.0f} s this run", flush=True)
+
+    def job(seed: int, domain: str) -> list[dict]:
+        t, data = time.time(), work / f"data-hard-{seed}"
+        rows = one_domain(run, data, seed, work / f"{data.name}-loo-{domain}", domain, list(DOMAINS_HARD), methods,
+                          args)
+        for row in rows:
+            row["seed"] = seed
+            print(f"seed {seed} held-out {domain:10s} {row['method']:9s} F1 {_fmt(row['f1'])}  "
+                  f"acc {_fmt(row['accuracy'])}  invalid {_fmt(row['invalid_rate'])}  "
+                  f"final PCR {_fmt(row['final_pcr'])}", flush=True)
+        print(f"seed {seed} held-out {domain}: {time.time() - t:.0f} s this run", flush=True)
+        return rows
+
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:  # each job runs dx in subprocesses
+        futures = [pool.submit(job, seed, domain) for seed in seeds for domain in domains]
+        rows = [row for future in futures for row in future.result()]
     print(f"\nRL: {args.steps} steps, G={args.group_size}, {args.images_per_step} images/step, lr={args.lr}, "
           f"max_new_tokens={args.max_new_tokens}, final_credit={args.final_credit}, {vcr_setting(args)}; "
           f"{time.time() - started:.0f} s this invocation (finished steps skipped)")

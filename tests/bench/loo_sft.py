@@ -106,6 +106,29 @@ def loo_sft(run: Runner, data: Path, work: Path, domain: str, args: argparse.Nam
     return {"held_out": domain, "train_s": round(train_s, 1), **summarise(answers, domain), "score": score}
 
 
+def fake_variants(data: Path, seed: int) -> dict[str, str]:
+    """Test-split fake image -> "shared" | "private", the generator variant it was drawn with
+    (`dxcli.data.demo_render.hard_fake_trace`), for a `dx dataset demo --hard --seed S` folder."""
+    from PIL import Image
+
+    from dxcli.data import demo, demo_render
+
+    counts = {split: len(list((data / "gan" / split).glob("*/*.png"))) for split in ("train", "val", "test")}
+    with Image.open(next((data / "gan" / "test").glob("*/*.png"))) as image:
+        size = image.width
+    jobs = demo.plan_jobs(seed=seed, counts_per_split=counts, size=size, hard=True)
+    return {job.rel: demo_render.hard_fake_trace(job)[0] for job in jobs if job.label == "fake" and job.split == "test"}
+
+
+def recall_by_variant(rows: list[dict], variants: dict[str, str]) -> dict[str, float | None]:
+    """Share of the fakes answered `fake`, per generator variant."""
+    out: dict[str, float | None] = {}
+    for variant in ("shared", "private"):
+        hits = [row.get("predict") == "fake" for row in rows if variants.get(row["image"]) == variant]
+        out[f"recall_{variant}"] = sum(hits) / len(hits) if hits else None
+    return out
+
+
 def summarise(answers: Path, held_out: str) -> dict:
     """F1 (fake positive, no verdict = wrong) on the held-out domain and on the other domains
     pooled, with the one scorer (`score_rows`, grouped by a held-out / in-domain field)."""
