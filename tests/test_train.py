@@ -130,12 +130,14 @@ def test_stop_and_resume_continues_where_it_stopped(tmp_path, demo_root, trained
 
 @pytest.fixture(scope="module")
 def one_process_reference(tmp_path_factory, demo_root, trained) -> Path:
-    """align for 2 steps in one process, two micro-batches of 1 per step (the 2-rank runs' samples)."""
+    """instruct for 2 steps in one process, two micro-batches of 1 per step (the 2-rank runs'
+    samples), the tower in its own parameter group at a near-zero instruct.vision_lr."""
     from dxcli.jobs.stages import run_sft_stage
 
     out = tmp_path_factory.mktemp("one") / "run"
-    sets = ["train.max_steps=2", "hardware.num_workers=0", "hardware.micro_batch=1", "hardware.grad_accum=2"]
-    return run_sft_stage("align", out=out, resolved=config.resolve("cpu-tiny", sets), data=demo_root,
+    sets = ["train.max_steps=2", "hardware.num_workers=0", "hardware.micro_batch=1", "hardware.grad_accum=2",
+            "instruct.vision_lr=1e-9"]
+    return run_sft_stage("instruct", out=out, resolved=config.resolve("cpu-tiny", sets), data=demo_root,
                          model=str(trained["align"]), say=lambda *_: None)
 
 
@@ -144,10 +146,10 @@ def test_two_process_zero_run(tmp_path, demo_root, trained, zero_stage, one_proc
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "ddp"
     result = subprocess.run(
-        [sys.executable, "-m", "dxcli", "train", "align", "--data", str(demo_root), "--model", str(trained["align"]),
+        [sys.executable, "-m", "dxcli", "train", "instruct", "--data", str(demo_root), "--model", str(trained["align"]),
          "--out", str(out), "--nproc-per-node", "2", "--set", "train.max_steps=2", "--set", "train.log_every=1",
          "--set", f"hardware.zero_stage={zero_stage}", "--set", "hardware.num_workers=0", "--set",
-         "hardware.micro_batch=1"],
+         "hardware.micro_batch=1", "--set", "instruct.vision_lr=1e-9"],
         capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout + result.stderr
@@ -159,25 +161,9 @@ def test_two_process_zero_run(tmp_path, demo_root, trained, zero_stage, one_proc
     assert two.keys() == one.keys()
     assert all(torch.allclose(two[k], one[k], atol=1e-5) for k in one)
     start = state(trained["align"])
-    assert any(not torch.equal(two[k], start[k]) for k in start)  # the steps changed something
-
-
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_process_vision_lr(tmp_path, demo_root, trained, zero_stage):
-    """The tower's own parameter group under both ZeRO stages on 2 ranks: the tower stays put at a
-    near-zero vision_lr while the LLM learns."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "dxcli", "train", "instruct", "--data", str(demo_root), "--model", str(trained["align"]),
-         "--out", str(out), "--nproc-per-node", "2", "--set", "train.max_steps=2", "--set", "train.warmup_ratio=0",
-         "--set", f"hardware.zero_stage={zero_stage}", "--set", "hardware.num_workers=0", "--set",
-         "hardware.micro_batch=2", "--set", "instruct.vision_lr=1e-9"],
-        capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    before, after = state(trained["align"]), state(out / "model")
-    moved = {part: max((after[k] - before[k]).abs().max().item() for k in before if part in k)
+    moved = {part: max((two[k] - start[k]).abs().max().item() for k in start if part in k)
              for part in ("vision_tower", "language_model")}
+    # the tower's own parameter group (instruct.vision_lr) holds on both ranks and both stages
     assert moved["vision_tower"] < 1e-6 < 1e-4 < moved["language_model"], moved
 
 
@@ -252,7 +238,7 @@ def test_ctrl_c_stops_every_worker_after_a_checkpoint(tmp_path, demo_root, train
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(
         [sys.executable, "-m", "dxcli", "train", "align", "--data", str(demo_root), "--model", str(trained["align"]),
-         "--out", str(out), "--nproc-per-node", "2", "--set", "train.epochs=50", "--set", "hardware.num_workers=0",
+         "--out", str(out), "--nproc-per-node", "2", "--set", "align.epochs=50", "--set", "hardware.num_workers=0",
          "--set", "train.log_every=1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     wait_for_metrics(out, 2, proc)
