@@ -218,6 +218,15 @@ def test_bad_images_stop_training_unless_skipped(tmp_path, demo_root):
     assert len(prepared.skipped) == 1 and prepared.skipped[0][0].endswith(victim.name)
 
 
+def default_sigint() -> None:
+    """In the child before exec: Ctrl-C's default action. A test run started in the background
+    (`pytest &` in a script) has SIGINT ignored, every child inherits that, and Python then never
+    raises KeyboardInterrupt: the Ctrl-C under test would never arrive."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_for_metrics(out: Path, rows: int, proc: subprocess.Popen, timeout: float = 240) -> None:
     import time
 
@@ -240,7 +249,8 @@ def test_ctrl_c_stops_every_worker_after_a_checkpoint(tmp_path, demo_root, train
         [sys.executable, "-m", "dxcli", "train", "align", "--data", str(demo_root), "--model", str(trained["align"]),
          "--out", str(out), "--nproc-per-node", "2", "--set", "align.epochs=50", "--set", "hardware.num_workers=0",
          "--set", "train.log_every=1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=default_sigint)
     wait_for_metrics(out, 2, proc)
     workers = psutil.Process(proc.pid).children(recursive=True)
     assert len(workers) >= 3  # torchrun and its two workers
@@ -265,7 +275,8 @@ def test_sigint_then_resume_matches_an_uninterrupted_run(tmp_path, demo_root, tr
 
     split, whole = tmp_path / "split", tmp_path / "whole"
     env = child_environment(dict(os.environ))  # this test process may hold a process group of its own
-    proc = subprocess.Popen(command(split), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(command(split), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=default_sigint)
     wait_for_metrics(split, 5, proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
