@@ -116,13 +116,22 @@ def gan_upsampler(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def diffusion_decoder(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Over-smoothing (fine detail lost), a faint 8-pixel grid from the latent decoder's 8x
     upsampling, then re-noising with even Gaussian noise mostly shared by the channels."""
+    return _latent_decoder(pixels, rng, sigma_low=1.3, noise=(4.0, 7.0), ripple4=0.0)
+
+
+def _latent_decoder(pixels: np.ndarray, rng: np.random.Generator, *, sigma_low: float,
+                    noise: tuple[float, float], ripple4: float) -> np.ndarray:
+    """Smoothing with sigma in [sigma_low, 2], an 8-pixel ripple (plus `ripple4` times a 4-pixel
+    one, the decoder's last 2x stage), and re-noising at a level drawn from `noise`; the
+    diffusion traces differ only in these."""
     size = pixels.shape[0]
-    sigma = rng.uniform(1.3, 2.0)
+    sigma = rng.uniform(sigma_low, 2.0)
     smooth = ndimage.gaussian_filter(pixels, sigma=(sigma, sigma, 0))
-    ripple = 1 + rng.uniform(0.05, 0.08) * np.cos(2 * np.pi * (np.arange(8) + 0.5) / 8)
-    level = rng.uniform(4.0, 7.0)
-    noise = rng.normal(0.0, level, (size, size, 1)) + rng.normal(0.0, level * 0.35, pixels.shape)
-    return smooth * _phase_gain(ripple, size) + noise.astype(np.float32)
+    phase = np.arange(8) + 0.5
+    ripple = 1 + rng.uniform(0.05, 0.08) * (np.cos(2 * np.pi * phase / 8) + ripple4 * np.cos(2 * np.pi * phase / 4))
+    level = rng.uniform(*noise)
+    grain = rng.normal(0.0, level, (size, size, 1)) + rng.normal(0.0, level * 0.35, pixels.shape)
+    return smooth * _phase_gain(ripple, size) + grain.astype(np.float32)
 
 
 def colour_banding(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -300,15 +309,7 @@ def hard_gan_upsampler(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarr
 def hard_diffusion_decoder(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """`diffusion_decoder` with lighter re-noising (the smoothing shows through the noise) and
     the decoder's last 2x stage leaving a weaker 4-pixel ripple beside the 8-pixel one."""
-    size = pixels.shape[0]
-    sigma = rng.uniform(1.2, 2.0)
-    smooth = ndimage.gaussian_filter(pixels, sigma=(sigma, sigma, 0))
-    amplitude = rng.uniform(0.05, 0.08)
-    phase = np.arange(8) + 0.5
-    ripple = 1 + amplitude * (np.cos(2 * np.pi * phase / 8) + 0.5 * np.cos(2 * np.pi * phase / 4))
-    level = rng.uniform(1.5, 3.5)
-    noise = rng.normal(0.0, level, (size, size, 1)) + rng.normal(0.0, level * 0.35, pixels.shape)
-    return smooth * _phase_gain(ripple, size) + noise.astype(np.float32)
+    return _latent_decoder(pixels, rng, sigma_low=1.2, noise=(1.5, 3.5), ripple4=0.5)
 
 
 # gan and diffusion get their hard variants; banding and resample keep the default traces.
@@ -329,13 +330,7 @@ def private_gan_upsampler(pixels: np.ndarray, rng: np.random.Generator) -> np.nd
 
 def private_diffusion_decoder(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """`hard_diffusion_decoder` without the 4-pixel ripple of its last 2x stage."""
-    size = pixels.shape[0]
-    sigma = rng.uniform(1.2, 2.0)
-    smooth = ndimage.gaussian_filter(pixels, sigma=(sigma, sigma, 0))
-    ripple = 1 + rng.uniform(0.05, 0.08) * np.cos(2 * np.pi * (np.arange(8) + 0.5) / 8)
-    level = rng.uniform(1.5, 3.5)
-    noise = rng.normal(0.0, level, (size, size, 1)) + rng.normal(0.0, level * 0.35, pixels.shape)
-    return smooth * _phase_gain(ripple, size) + noise.astype(np.float32)
+    return _latent_decoder(pixels, rng, sigma_low=1.2, noise=(1.5, 3.5), ripple4=0.0)
 
 
 def private_posterise(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:

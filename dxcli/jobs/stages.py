@@ -60,8 +60,8 @@ HEAD_WARN_STEPS = 20  # shorter runs are smoke tests; their head has had no time
 def sft_head_warning(run_dir: Path, window: int = 5) -> str | None:
     """One plain line when the binary head ended an instruct run at chance: the mean `bin_loss` of
     the last `window` logged steps within 5% of ln 2. Such a model's P(fake) is noise, and its
-    verdicts are often one label for every image (on the hard demo, 2 of 12 leave-one-domain-out
-    instruct runs ended so: tests/bench/README.md)."""
+    verdicts are often one label for every image (on the first hard demo design, 2 of 12
+    leave-one-domain-out instruct runs ended so: tests/bench/README.md)."""
     path = Path(run_dir) / "metrics.jsonl"
     rows = [r for r in iter_jsonl(path) if "bin_loss" in r] if path.is_file() else []
     if len(rows) < window or rows[-1].get("step", 0) < HEAD_WARN_STEPS:

@@ -110,7 +110,7 @@ def setup(job: SftJob) -> SftState:
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     # the engine: DeepSpeed around the trainable parameters
-    vision_lr = cfg.instruct.vision_lr if job.stage == "instruct" and cfg.instruct.unfreeze_vision else None
+    vision_lr = cfg.instruct.vision_lr if job.stage == "instruct" else None  # config: set only with an unfrozen tower
     engine, scheduler = ds.initialize(bundle.model, ds.deepspeed_config(cfg, lr=lr, world=dist.world),
                                       total_steps, cfg.train.warmup_ratio, vision_lr=vision_lr)
     if dist.main:
