@@ -22,9 +22,16 @@ from dxcli.data.questions import generate_questions
 from dxcli.evaluation.detect import detect, open_detector
 from dxcli.evaluation.score import score_file
 from dxcli.jobs.prepare import has_progress
-from dxcli.jobs.stages import prpo_signal_warning, run_infer, run_prpo_stage, run_sft_stage
+from dxcli.jobs.stages import prpo_guard_warning, prpo_signal_warning, run_infer, run_prpo_stage, run_sft_stage
 
 F1_BAR, AUC_BAR = 0.75, 0.85  # the demo checks the pipeline: a working one clears these easily
+# The demo's PRPO stage samples with more variety than cpu-tiny's (the paper's T 1.0): the demo's
+# instruct model is sure of itself (token entropy ~0.15), so at T 1.0 with top_p 0.7 or 0.9 every
+# group's G responses were valid and consistent, all 40 steps had zero advantage and the PRPO model
+# was instruct's, bit for bit. At T 1.5 with top_p 1.0 every step has a signal (some samples lose
+# the format or conclude against their evidence), the invalid rate falls while it trains, and the
+# PRPO model keeps F1 1.0 on the demo's test split (measured on the default demo, seed 0).
+DEMO_PRPO_SETS = ["prpo.temperature=1.5", "prpo.top_p=1.0"]
 
 
 @dataclass
@@ -38,8 +45,13 @@ class DemoResult:
 
     @property
     def passed(self) -> bool:
-        overall = self.score["overall"]
-        return (overall.get("f1") or 0) >= F1_BAR or (overall.get("head_auc") or 0) >= AUC_BAR
+        """Both the instruct and the PRPO model's answers clear the bar."""
+        return all(clears_bar(score) for score in (self.score, self.score_prpo))
+
+
+def clears_bar(score: dict[str, Any]) -> bool:
+    overall = score["overall"]
+    return (overall.get("f1") or 0) >= F1_BAR or (overall.get("head_auc") or 0) >= AUC_BAR
 
 
 def run_demo(out: Path, *, profile: str = "cpu-tiny", sets: list[str] | None = None, force: bool = False,
@@ -84,8 +96,9 @@ def run_demo(out: Path, *, profile: str = "cpu-tiny", sets: list[str] | None = N
          lambda: run_infer(model=model, questions=questions, images=data, out=answers, config=resolved.config))
     score = score_file(answers)
     (out / "score.json").write_text(json.dumps(score, indent=2))
+    resolved_prpo = cfgmod.resolve(profile, [*DEMO_PRPO_SETS, *(sets or [])])  # the user's --set wins
     step("prpo", (out / "prpo" / "model" / "config.json").is_file(),
-         lambda: run_prpo_stage(out=out / "prpo", resolved=resolved, model=model, data=data,
+         lambda: run_prpo_stage(out=out / "prpo", resolved=resolved_prpo, model=model, data=data,
                                 resume=has_progress(out / "prpo"), say=say))
     step("eval infer (prpo)", (out / "score-prpo.json").is_file(),
          lambda: run_infer(model=model_prpo, questions=questions, images=data, out=answers_prpo,
@@ -96,5 +109,6 @@ def run_demo(out: Path, *, profile: str = "cpu-tiny", sets: list[str] | None = N
     bundle = open_detector(model_prpo, resolved.config)
     detection = next(detect(bundle, [test_image], max_new_tokens=resolved.config.eval.max_new_tokens)).to_json()
     (out / "detect.json").write_text(json.dumps(detection, indent=2))
-    warning = prpo_signal_warning(out / "prpo")  # also when this rerun skipped the PRPO step
-    return DemoResult(out, score, score_prpo, detection, seconds, [warning] if warning else [])
+    # also when this rerun skipped the PRPO step
+    warnings = [w for w in (prpo_signal_warning(out / "prpo"), prpo_guard_warning(out / "prpo")) if w]
+    return DemoResult(out, score, score_prpo, detection, seconds, warnings)

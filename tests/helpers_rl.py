@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from dxcli import config
-from dxcli.model.generate import encode_images, encode_prompts
+from dxcli.model.generate import Generation, encode_images, encode_prompts
 from dxcli.training import prpo
 from dxcli.training.rollout import Rollout
 
@@ -99,6 +99,32 @@ def completion_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids as generation produces them after "ASSISTANT:": a space, the text, EOS."""
     return [tokenizer(" " + text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             for text in texts]
+
+
+def scripted_generate(texts: list[str]):
+    """A stand-in for `generate` in dxcli.training.rollout that "samples" `texts` (len(images) * G,
+    grouped by image) as the model would emit them: a space, the text, EOS. The prompt and image
+    tensors are placeholders: for checks of what a rollout computes from the responses."""
+
+    def generate(bundle, images, questions, *, samples_per_image: int, **_) -> Generation:
+        ids = completion_ids(bundle.tokenizer, texts)
+        assert len(ids) == len(images) * samples_per_image, "one scripted text per sample"
+        n = len(images)
+        return Generation(texts=[bundle.tokenizer.decode(row, skip_special_tokens=True) for row in ids],
+                          token_ids=ids, head_probs=[0.5] * n, prompt_ids=torch.ones((n, 2), dtype=torch.long),
+                          prompt_mask=torch.ones((n, 2), dtype=torch.long), image_features=torch.zeros((n, 1, 4)))
+
+    return generate
+
+
+def text_bundle(texts: list[str]):
+    """Just enough of a model bundle for `rollout` with `scripted_generate`: a tokenizer trained on
+    `texts` (byte-level BPE, as the tiny preset's) and a model that is never run."""
+    from types import SimpleNamespace
+
+    from dxcli.model.build import train_tokenizer
+
+    return SimpleNamespace(model=torch.nn.Identity(), tokenizer=train_tokenizer(texts, 400))
 
 
 def toy_image(label: str, seed: int = 0) -> Image.Image:

@@ -160,3 +160,86 @@ def test_train_refuses_negative_steps_before_doing_anything(tmp_path):
                                       "--set", "train.max_steps=-3"])
     assert result.exit_code == 2 and "train.max_steps must be >= 0" in result.output
     assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------- the GPU profiles as the paper ran them
+
+
+def test_align_zero_stage_reaches_the_align_deepspeed_config(tmp_path, monkeypatch):
+    """align.zero_stage is what align's DeepSpeed engine gets; instruct keeps hardware.zero_stage."""
+    from dxcli.data.demo import make_demo
+    from dxcli.jobs.stages import run_sft_stage
+    from dxcli.training import engine
+
+    class Built(Exception):
+        """Stops the stage once DeepSpeed would start: nothing trains."""
+
+    seen = []
+
+    def initialize(model, ds_config, *args, **kwargs):
+        seen.append(ds_config["zero_optimization"])
+        raise Built
+
+    monkeypatch.setattr(engine, "initialize", initialize)
+    data = tmp_path / "data"
+    make_demo(data, seed=0, n_train=4, n_val=2, n_test=2)
+    sets = ["hardware.zero_stage=3", "align.zero_stage=2", "hardware.num_workers=0"]
+    for stage in ("align", "instruct"):
+        with pytest.raises(Built):
+            run_sft_stage(stage, out=tmp_path / stage, data=data, resolved=config.resolve("cpu-tiny", sets),
+                          say=lambda *_: None)
+    assert [z["stage"] for z in seen] == [2, 3]
+    assert "stage3_max_live_parameters" not in seen[0] and seen[1]["stage3_max_live_parameters"] == 10**9
+    assert config.resolve("h100x2").config.align.zero_stage == 2
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("align.zero_stage=4", "align.zero_stage must be 0, 1, 2 or 3"),
+    ("align.zero_stage=-1", "align.zero_stage must be >= 0"),
+    ("hardware.checkpoint_write_gbps=0", "hardware.checkpoint_write_gbps must be > 0"),
+])
+def test_new_keys_are_validated(bad, message):
+    with pytest.raises(UsageError, match=message):
+        config.resolve("h100x2", [bad])
+
+
+def test_an_align_zero_stage_keeps_only_the_offloads_it_supports():
+    from dxcli.training.engine import deepspeed_config
+
+    cfg = config.resolve("h100x2", ["hardware.offload_params=true", "hardware.offload_optimizer=true"]).config
+    align = deepspeed_config(cfg, lr=1e-3, world=2, zero_stage=config.zero_stage_for(cfg, "align"))["zero_optimization"]
+    assert align["stage"] == 2 and "offload_param" not in align and "offload_optimizer" in align
+    zero1 = deepspeed_config(cfg, lr=1e-3, world=2, zero_stage=1)
+    assert "offload_optimizer" not in zero1["zero_optimization"] and zero1["optimizer"]["params"]["torch_adam"]
+
+
+def test_lora_below_1e_6_warns_full_fine_tuning_does_not():
+    def warnings(*sets: str) -> list[str]:
+        return config.stage_warnings(config.resolve("h100x2", list(sets)).config, "prpo")
+
+    low, = warnings("prpo.lr=3e-7")  # the paper's full-fine-tuning rate, through LoRA r=16
+    assert "model.lora.r=16" in low and "prpo.lr=3e-07" in low and "--set prpo.lr=3e-06" in low and "\n" not in low
+    assert warnings() == []  # the profile's own 3e-6
+    assert warnings("prpo.lr=3e-7", "model.lora.r=0") == []  # full fine-tuning at the paper's rate
+    assert config.stage_warnings(config.resolve("h200x8").config, "prpo") == []
+    assert config.stage_warnings(config.resolve("h100x2", ["model.lora.stages=[instruct]", "instruct.lr=5e-7"]).config,
+                                 "instruct")
+    h100, h200 = config.resolve("h100x2").config.prpo, config.resolve("h200x8").config.prpo
+    assert h100.lr == pytest.approx(10 * h200.lr)  # the stated rule: LoRA lr = 10 x full-FT lr
+
+
+def test_train_shows_the_lora_warning_before_anything_loads(tmp_path):
+    result = runner.invoke(app, ["train", "prpo", "--profile", "h100x2", "--set", "prpo.lr=3e-7",
+                                 "--model", str(tmp_path / "sft"), "--data", str(tmp_path / "data"),
+                                 "--out", str(tmp_path / "run")], terminal_width=400)
+    assert result.exit_code == 2 and "no such file or folder" in result.output  # it then stops on --data
+    warning, = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert "LoRA" in warning and "prpo.lr=3e-07" in warning
+
+
+def test_gpu_profiles_agree_on_epochs_and_evaluation_length():
+    for name in ("h100x2", "h200x8"):
+        c = config.resolve(name).config
+        epochs = {stage: getattr(c, stage).epochs or c.train.epochs for stage in ("align", "instruct", "prpo")}
+        assert epochs == {"align": 1, "instruct": 3, "prpo": 1}, name
+        assert c.eval.max_new_tokens == c.prpo.max_new_tokens == 1024, name

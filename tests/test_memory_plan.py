@@ -17,6 +17,7 @@ from dxcli.cli.main import app
 from dxcli.base.errors import DxError, UsageError
 from dxcli.jobs import memory, memory_shapes
 from dxcli.jobs.memory import GIB, STAGES, check_plan_fits, plan_memory
+from dxcli.jobs.memory_checkpoint import CHECKPOINT_SHARE_TARGET, checkpoint_parts
 
 runner = CliRunner()
 
@@ -69,6 +70,10 @@ def test_model_states_agree_with_deepspeed_estimators(small, zero, gpus, offload
         # stage-3 estimator's 18 bytes per parameter leave out; everything else is the same
         ours -= 2 * n / gpus
     expected = _ds_gpu_bytes(zero, n, shapes.largest_layer, gpus, offload_optimizer, offload_params)
+    if zero == 3:
+        # the estimator adds 4 B x the largest layer for gathered parameters; dx plans them apart, as
+        # what stage3_max_live_parameters lets live (test_zero3_gathered_row_is_deepspeeds_live_limit)
+        expected -= 4 * shapes.largest_layer
     assert ours == pytest.approx(expected, rel=0.02)
 
 
@@ -113,7 +118,7 @@ def test_7b_shapes_match_the_published_counts():
 
 
 def test_every_gpu_profile_stage_fits_with_ten_percent_headroom():
-    for profile, capacity in (("h100x2", 80), ("h200x8", 141)):
+    for profile, capacity in (("h100x2", 79.1), ("h200x8", 139.7)):
         cfg = config.resolve(profile).config
         assert cfg.hardware.gpu_memory_gb == capacity and cfg.prpo.epochs is not None
         for stage in STAGES:
@@ -140,10 +145,10 @@ def test_cli_shows_the_h100x2_prpo_plan_offline(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", no_network)
     result = runner.invoke(app, ["profiles", "show", "h100x2", "--memory", "--stage", "prpo"], terminal_width=200)
     assert result.exit_code == 0, result.output
-    total, capacity, headroom = re.search(r"total ([\d.]+) GiB of (\d+) GiB, headroom (\d+)%", result.output).groups()
-    assert float(total) < 80 and capacity == "80" and int(headroom) >= 10
+    total, capacity, headroom = re.search(r"total ([\d.]+) GiB of ([\d.]+) GiB, headroom (\d+)%", result.output).groups()
+    assert float(total) < 79.1 and capacity == "79.1" and int(headroom) >= 10
     for item in ("reference model", "KV cache", "ZeRO-3 gather for generation", "activations", "logits",
-                 "optimizer states", "CUDA/NCCL overhead"):
+                 "optimizer states", "CUDA/NCCL overhead", "ZeRO-3 gathered parameters", "checkpoint 0.5 GB"):
         assert item in result.output
     bad = runner.invoke(app, ["profiles", "show", "h100x2", "--memory", "--stage", "rl"])
     assert bad.exit_code == 2 and "align, instruct, prpo" in bad.output
@@ -168,7 +173,7 @@ def test_check_plan_fits_suggests_checkpointing_and_smaller_groups():
     no_ckpt = config.resolve("h100x2", ["train.grad_checkpointing=false"]).config
     with pytest.raises(DxError, match="--set train.grad_checkpointing=true"):
         check_plan_fits(no_ckpt, "instruct")
-    squeezed = config.resolve("h200x8", ["hardware.gpu_memory_gb=38", "hardware.offload_optimizer=true"]).config
+    squeezed = config.resolve("h200x8", ["hardware.gpu_memory_gb=40", "hardware.offload_optimizer=true"]).config
     with pytest.raises(DxError, match=r"--set prpo\.(images_per_step|group_size)="):
         check_plan_fits(squeezed, "prpo")
 
@@ -219,3 +224,110 @@ def test_train_refuses_a_plan_that_does_not_fit_before_loading_anything(tmp_path
                                  "--set", "hardware.skip_memory_check=true", "--data", str(tmp_path / "data"),
                                  "--out", str(out)], terminal_width=400)
     assert result.exit_code == 2 and "no such file or folder" in result.output
+
+
+# ---------------------------------------------------------------- units, DeepSpeed's limits, checkpoints
+
+
+def _row_bytes(plan, item: str) -> float:
+    return next(r.gib for r in plan.rows if r.item == item) * GIB
+
+
+def test_gpu_memory_is_gib_as_cuda_reports_the_card():
+    """hardware.gpu_memory_gb is GiB as CUDA reports the card (an 80 GB H100: 79.1), below what
+    nvidia-smi lists (81559 MiB = 79.6 GiB): a plan between 79.1 and 80 GiB no longer passes."""
+    h100 = config.resolve("h100x2", ["train.max_length=3500"]).config
+    assert h100.hardware.gpu_memory_gb == 79.1 < 81559 / 1024
+    assert config.resolve("h200x8").config.hardware.gpu_memory_gb == 139.7 < 143771 / 1024
+    plan = plan_memory(h100, "instruct")
+    assert 79.1 < plan.total <= 80 and plan.capacity == 79.1 and not plan.fits
+    with pytest.raises(DxError, match="gpu_memory_gb=79.1"):
+        check_plan_fits(h100, "instruct")
+    h100.hardware.gpu_memory_gb = 80  # the card's name used as its size: the same plan would pass
+    check_plan_fits(h100, "instruct")
+
+
+def test_zero3_gathered_row_is_deepspeeds_live_limit():
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from dxcli.training.engine import ZERO3_MAX_LIVE_PARAMETERS, deepspeed_config
+
+    assert DeepSpeedZeroConfig().max_live_parameters == ZERO3_MAX_LIVE_PARAMETERS  # DeepSpeed's default
+    cfg = config.resolve("h100x2").config
+    zero = deepspeed_config(cfg, lr=1e-5, world=2)["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_max_live_parameters"] == ZERO3_MAX_LIVE_PARAMETERS
+    plan = plan_memory(cfg, "instruct")
+    assert _row_bytes(plan, "ZeRO-3 gathered parameters") == pytest.approx(ZERO3_MAX_LIVE_PARAMETERS * 2)  # bf16
+    assert _row_bytes(plan, "ZeRO-3 gathered parameters") > 3.5 * 4 * plan.shapes.largest_layer  # not 4 x largest
+    assert "ZeRO-3 gathered parameters" not in {r.item for r in plan_memory(cfg, "align").rows}  # align: ZeRO-2
+
+
+def test_sft_logits_row_counts_14_bytes_per_element():
+    plan = plan_memory(config.resolve("h100x2").config, "instruct")
+    assert memory.SFT_LOGIT_BYTES == 14
+    assert _row_bytes(plan, "logits") == pytest.approx(8 * 2048 * 32001 * 14)  # micro 8 x 2048 tok x vocab
+
+
+def test_align_plans_its_own_zero_stage():
+    cfg = config.resolve("h100x2").config
+    assert cfg.align.zero_stage == 2 and cfg.hardware.zero_stage == 3
+    align = plan_memory(cfg, "align")
+    assert _row_bytes(align, "parameters: LLM") == pytest.approx(2 * align.shapes.llm)  # whole, bf16
+    assert align.fits and align.headroom >= 0.10
+    zero3 = plan_memory(config.resolve("h100x2", ["align.zero_stage=null"]).config, "align")
+    assert _row_bytes(zero3, "parameters: LLM") == pytest.approx(align.shapes.llm)  # / 2 GPUs
+    # offloading parameters is ZeRO-3's: align's ZeRO-2 keeps them on the GPU
+    offload = config.resolve("h100x2", ["hardware.offload_params=true"]).config
+    assert _row_bytes(plan_memory(offload, "align"), "parameters: LLM") == pytest.approx(2 * align.shapes.llm)
+    # too little memory for align's own stage: the fix changes that key (hardware.zero_stage would not)
+    with pytest.raises(DxError, match=r"try --set align\.zero_stage=3,"):
+        check_plan_fits(config.resolve("h100x2", ["hardware.gpu_memory_gb=30"]).config, "align")
+
+
+@pytest.mark.parametrize("zero,lora", [(2, False), (2, True), (3, False), (3, True)])
+def test_checkpoint_size_matches_deepspeeds_files(tmp_path, zero, lora):
+    """DeepSpeed's files for a small model with a frozen part, bf16 on the CPU, against the
+    planner's formula (on a CPU the ZeRO-2 frozen copies share the state dict's storage)."""
+    import deepspeed
+    import torch
+    from torch import nn
+
+    from dxcli.runtime.dist import init_distributed
+    from dxcli.training.engine import deepspeed_config
+
+    init_distributed()
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 512), nn.Linear(512, 128))
+    model[1].requires_grad_(False)
+    total = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them away
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    cfg = config.resolve("cpu-tiny", [f"hardware.zero_stage={zero}", "hardware.precision=bf16"]).config
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                      config=deepspeed_config(cfg, lr=1e-3, world=1))
+    engine.backward(engine(torch.randn(2, 256, dtype=torch.bfloat16)).float().square().mean())
+    engine.step()
+    engine.save_checkpoint(str(tmp_path), tag="t", exclude_frozen_parameters=lora)
+    written = sum(f.stat().st_size for f in (tmp_path / "t").iterdir())
+    planned = sum(n for _, n in checkpoint_parts(zero, 2, total, trainable, lora, device_copies=False))
+    assert written == pytest.approx(planned, rel=0.02, abs=20_000)  # + pickling and DeepSpeed's metadata
+
+
+def test_the_plan_prints_checkpoint_size_and_cadence():
+    """Full fine-tuning saves optimizer + weights, LoRA its adapters; every GPU profile's cadence keeps
+    writing under 5% of training time at its assumed disk speed."""
+    h200 = plan_memory(config.resolve("h200x8").config, "instruct").checkpoint
+    shapes = memory_shapes.model_shapes(config.resolve("h200x8").config.model)
+    trainable = shapes.total - shapes.vision
+    assert h200.nbytes == pytest.approx(12 * trainable + 2 * shapes.total + 2 * shapes.vision)  # ZeRO-2: 14 B
+    assert 95e9 < h200.nbytes < 96e9 and h200.write_s == pytest.approx(h200.nbytes / 1e9)
+    lora = plan_memory(config.resolve("h100x2").config, "prpo").checkpoint
+    assert lora.nbytes == pytest.approx(12 * 16 * shapes.lora_per_rank)  # adapters + their optimizer
+    for profile in ("h100x2", "h200x8"):
+        cfg = config.resolve(profile).config
+        assert cfg.train.save_every == 0 and cfg.train.keep_checkpoints == 2
+        for stage in STAGES:
+            share = plan_memory(cfg, stage).checkpoint.share
+            assert share is not None and share <= CHECKPOINT_SHARE_TARGET, (profile, stage, share)
+    result = runner.invoke(app, ["profiles", "show", "h200x8", "--memory", "--stage", "instruct"], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    line = " ".join(result.output.split())
+    assert "checkpoint 95.5 GB" in line and "~95 s at 1 GB/s" in line and "4.3% of training time" in line

@@ -156,8 +156,13 @@ def test_checkpoint_round_trip(bundle, tmp_path):
     assert isinstance(loaded.model, DxLlavaForConditionalGeneration)
     with torch.no_grad():
         before, after = model(**enc), loaded.model.eval()(**enc)
+    saved, reloaded = model.state_dict(), loaded.model.state_dict()
+    assert saved.keys() == reloaded.keys() and all(torch.equal(saved[k], reloaded[k]) for k in saved)
+    # equal weights, but the loaded ones sit at other memory alignments (safetensors offsets): with
+    # one CPU thread (as after a cpu-tiny run in this process) the head's matmul then takes another
+    # SIMD path and may differ in the last bit
     assert torch.equal(before.logits, after.logits)
-    assert torch.equal(before.head_logits, after.head_logits)
+    assert torch.allclose(before.head_logits, after.head_logits, rtol=1e-5, atol=1e-9)
     assert loaded.tokenizer.get_vocab() == bundle.tokenizer.get_vocab()
     assert image_token_count(loaded.processor) == image_token_count(bundle.processor)
     again = loaded.processor(images=images(2), text=[template.prompt("a"), template.prompt("b c")],

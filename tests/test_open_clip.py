@@ -110,3 +110,86 @@ def test_a_prpo_step_uses_open_clip_for_vcr(tiny, toy, tmp_path):
     row, = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert 0.0 <= row["vcr"] <= 1.0
     assert row["zero_advantage_share"] < 1.0  # VCR gives the one-paragraph toy answers a signal
+
+
+# ---------------------------------------------------------------- the paper's CLIP in h200x8
+
+PAPER_CLIP = "open_clip:convnext_large_d_320:laion2b_s29b_b131k_ft_soup"
+PAPER_REPO = "laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft-soup"
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache, as on a machine that never fetched the CLIP."""
+    import huggingface_hub.constants as hub
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_h200x8_sets_the_papers_clip_and_plans_it():
+    shown = CliRunner().invoke(app, ["profiles", "show", "h200x8"])
+    row, = [line for line in shown.output.splitlines() if "prpo.clip " in line]
+    assert shown.exit_code == 0 and "'open_clip:convnext_large_d" in row and "profile h200x8" in row  # 80 columns
+    assert config.resolve("h200x8").config.prpo.clip == PAPER_CLIP
+    plan = CliRunner().invoke(app, ["profiles", "show", "h200x8", "--memory", "--stage", "prpo"], terminal_width=300)
+    assert plan.exit_code == 0, plan.output
+    row, = [line for line in plan.output.splitlines() if "CLIP (VCR)" in line]
+    assert "1.31" in row and "351.8M" in row  # 351,772,609 parameters x 4 B (fp32)
+
+
+def test_the_shipped_clip_count_is_open_clips_model(tiny):
+    """The planner's count (memory_shapes.OPEN_CLIP_PARAMS, arithmetic in its comment) against the
+    model open_clip builds from its config, on the meta device; an unknown arch is built there too."""
+    from dxcli.jobs.memory_shapes import OPEN_CLIP_PARAMS, clip_parameters
+
+    with torch.device("meta"):
+        model = open_clip.create_model("convnext_large_d_320", pretrained=None, device="meta")
+    assert sum(p.numel() for p in model.parameters()) == OPEN_CLIP_PARAMS["convnext_large_d_320"] == 351_772_609
+    assert clip_parameters(PAPER_CLIP)[0] == 351_772_609
+    built = open_clip.create_model(tiny["config"].stem, pretrained=None)
+    assert clip_parameters(tiny["spec"])[0] == sum(p.numel() for p in built.parameters())
+
+
+def test_a_missing_clip_fails_in_one_line_before_any_model_loads(empty_hub_cache, tmp_path, monkeypatch):
+    from dxcli.jobs import prepare, stages
+
+    def loads(*args, **kwargs):
+        raise AssertionError("a model was loaded or a worker launched before the CLIP check")
+
+    for module, name in ((stages, "launch"), (prepare, "build_model"), (stages, "resolve_model_path")):
+        monkeypatch.setattr(module, name, loads)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "prpo", "--profile", "h200x8", "--model", str(tmp_path / "sft"),
+                                      "--data", str(tmp_path / "data"), "--out", str(out)], terminal_width=1000)
+    assert result.exit_code == 1, result.output
+    message = result.output.strip().splitlines()[-1]
+    assert f"hf download {PAPER_REPO} open_clip_pytorch_model.bin" in message
+    assert str(empty_hub_cache) in message and "model.download=true" in message
+    assert not out.exists()  # refused before the run folder was written
+    with pytest.raises(DxError) as info:
+        check_clip_spec(PAPER_CLIP)
+    assert "\n" not in str(info.value)
+
+
+def test_a_cached_clip_passes_and_download_fetches_it_once(empty_hub_cache, monkeypatch):
+    from open_clip import pretrained as registry
+
+    fetched = []
+    monkeypatch.setattr(registry, "download_pretrained", lambda cfg, **kw: fetched.append(cfg["hf_hub"]) or "x")
+    check_clip_spec(PAPER_CLIP, download=True)  # model.download=true: the parent fetches it
+    assert fetched == [f"{PAPER_REPO}/"]
+    # as `hf download` leaves it: refs/main names a snapshot holding the file
+    repo = empty_hub_cache / f"models--{PAPER_REPO.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("0" * 40) / "open_clip_pytorch_model.bin").write_bytes(b"weights")
+    check_clip_spec(PAPER_CLIP)
+    check_clip_spec(PAPER_CLIP, download=True)
+    assert len(fetched) == 1  # cached: nothing fetched again
+    with pytest.raises(DxError, match="open_clip knows no such weights"):
+        check_clip_spec("open_clip:convnext_large_d_320:no_such_tag")

@@ -156,7 +156,7 @@ def test_a_run_without_learning_signal_says_so(toy, tmp_path):
     assert [row["zero_advantage_share"] for row in metrics(tmp_path / "rl")] == [1.0, 1.0]
     summary = json.loads((tmp_path / "rl" / "summary.json").read_text())
     assert summary == {"algo": "prpo", "steps": 2, "steps_with_signal": 0, "steps_all_invalid": 2,
-                       "max_new_tokens": 3}
+                       "max_new_tokens": 3, "stopped_by_guard": None}
     warning, = [line for line in said if "no learning signal" in line]
     assert warning.startswith("warning: prpo: no learning signal in any step (all advantages zero)")
     assert "prpo.max_new_tokens=3" in warning
@@ -202,3 +202,126 @@ def test_dx_demo_repeats_the_warning_of_a_prpo_stage_without_signal(toy, tmp_pat
     assert result.exit_code == 0, result.output[-3000:]
     assert result.output.count("already done, skipped") == 7
     assert "warning: prpo: no learning signal in any step" in " ".join(result.output.split())
+
+
+# ---------------------------------------------------------------------- settings the loop must pass on
+
+
+def lora_state(run_dir: Path, toy: dict, sets: list[str]) -> prpo.PrpoState:
+    """A LoRA PRPO state whose adapters already do something: B starts at 0, where neither the
+    adapters' dropout nor the KL to the adapters-off reference would show."""
+    state = open_state(run_dir, toy["model"], toy["data"],
+                       ["model.lora.r=4", "train.max_steps=1", "prpo.images_per_step=1",
+                        f"prpo.group_size={len(TEXTS['prpo'])}", *sets])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in state.engine.module.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return state
+
+
+def test_beta_reaches_the_loss_the_loop_minimises(toy, tmp_path):
+    """One update per rollout: ratio 1, so the loss is -(mean advantage) + beta * KL exactly, with the
+    KL (k3, METHOD.md §13) to the adapters-off reference computed here by hand."""
+    beta = 0.5
+    state = lora_state(tmp_path / "rl", toy, [f"prpo.beta={beta}"])
+    roll = hand_rollout(state, toy_image("real"), TEXTS["prpo"], advantages_for("prpo", state, TEXTS["prpo"]))
+    state.engine.train()
+    mask = roll.completion_mask.float()
+    policy = logprobs(state, roll)
+    with state.engine.module.disable_adapter():
+        reference = logprobs(state, roll)
+    delta = reference - policy
+    kl = (((delta.exp() - delta - 1) * mask).sum() / mask.sum()).item()
+    surrogate = ((roll.advantages * mask).sum() / mask.sum()).item()
+    assert kl > 1e-3  # the adapters moved the policy off the reference: beta's share is visible
+    step = prpo.policy_step(state, roll, prpo.fixed_logprobs(state, roll))
+    assert step["kl"] == pytest.approx(kl, rel=1e-4)
+    assert step["loss"] == pytest.approx(-surrogate + beta * kl, rel=1e-5, abs=1e-7)
+
+
+def test_rl_passes_run_without_dropout_so_the_first_ratio_is_exactly_one(toy, tmp_path, monkeypatch):
+    """LoRA dropout 0.5 and two updates per rollout: the old log-probs (recorded before the first
+    update) and the first update's policy log-probs are the same numbers, bit for bit."""
+    state = lora_state(tmp_path / "rl", toy, ["model.lora.dropout=0.5", "prpo.updates_per_rollout=2",
+                                              "prpo.beta=0.1", "prpo.lr=1e-2"])
+    dropouts = [m for name, m in state.engine.module.named_modules()
+                if "lora_dropout" in name and isinstance(m, torch.nn.Dropout)]
+    assert dropouts  # peft built LoRA's dropout layers (for dropout > 0)
+    seen = []
+
+    def watched_loss(logp, old_logp, *args, **kwargs):
+        seen.append((logp.detach().clone(), old_logp.detach().clone()))
+        return real_loss(logp, old_logp, *args, **kwargs)
+
+    real_loss = prpo.policy_loss
+    monkeypatch.setattr(prpo, "policy_loss", watched_loss)
+    roll = hand_rollout(state, toy_image("real"), TEXTS["prpo"], advantages_for("prpo", state, TEXTS["prpo"]))
+    state.engine.train()  # as the loop does: train mode (gradient checkpointing needs it), dropout at 0
+    prpo.update(state, roll)
+    (first, old), (second, old_again) = seen
+    assert torch.equal(first, old)  # ratio exactly 1
+    assert torch.equal(old, old_again) and not torch.equal(second, old)  # then the step moved the policy
+    assert all(m.p == 0.0 for m in dropouts)  # how: the layers are there, switched off
+
+
+def test_instruct_keeps_its_lora_dropout(toy, tmp_path):
+    """Only the RL recipe switches dropout off: in instruct, LoRA's dropout still draws masks."""
+    from dxcli.jobs import prepare
+    from dxcli.training import sft
+
+    run = tmp_path / "sft"
+    resolved = config.resolve("cpu-tiny", ["hardware.num_workers=0", "model.lora.r=4", "model.lora.dropout=0.5",
+                                           "train.max_steps=1", "instruct.unfreeze_vision=false"])
+    prepare.open_run_dir(run, resolved, resume=False, force=True)
+    records, images = prepare.run_records(run, "train-records.jsonl", resume=False, say=quiet,
+                                           data=toy["data"] / "sft-records.jsonl", images=toy["data"])
+    state = sft.setup(sft.SftJob("instruct", str(run), str(run / "config.yaml"), str(records), str(images),
+                                 str(toy["model"])))
+    with torch.no_grad():
+        for name, param in state.engine.module.named_parameters():
+            if "lora_B" in name:  # B starts at 0, where dropout before A would change nothing
+                param.normal_(0, 0.1)
+    batch = next(iter(state.loader))
+    engine = state.engine
+    engine.train()
+
+    def loss() -> float:
+        with torch.no_grad():
+            return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          pixel_values=batch["pixel_values"], labels=batch["labels"]).loss.item()
+
+    assert loss() != loss()  # two dropout masks
+    dropouts = [m for name, m in engine.module.named_modules() if "lora_dropout" in name and hasattr(m, "p")]
+    assert dropouts and all(m.p == 0.5 for m in dropouts)
+    for module in dropouts:  # and the masks are LoRA's: without them the same forward is repeatable
+        module.p = 0.0
+    assert loss() == loss()
+
+
+def test_the_loop_turns_record_labels_into_grpo_targets(toy, tmp_path, monkeypatch):
+    """binary_label 1 is "fake", 0 "real" (data/records.py), and with prpo.labels=gt GRPO's target
+    is that label: the answers equal to it get the positive advantages."""
+    from dxcli.data.records import Record
+    from dxcli.runtime.dist import Ratio
+    from dxcli.training import rollout as rollout_mod
+    from helpers_rl import QUESTION, scripted_generate
+
+    texts = ["### Answer: fake", "### Answer: real", "### Answer: real", "I cannot tell."]
+    rolls = []
+    real_rollout = prpo.rollout
+    monkeypatch.setattr(prpo, "rollout", lambda *a, **k: rolls.append(real_rollout(*a, **k)) or rolls[-1])
+    monkeypatch.setattr(rollout_mod, "generate", scripted_generate(texts))
+    monkeypatch.setattr(prpo, "update", lambda state, roll: dict.fromkeys(prpo.UPDATE_KEYS, 0.0))  # not under test
+    state = open_state(tmp_path / "rl", toy["model"], toy["data"],
+                       ["prpo.algo=grpo", "prpo.labels=gt", "prpo.group_size=4", "prpo.images_per_step=1",
+                        "train.max_steps=1"])
+    image = state.records[0].image  # any image: the responses are scripted
+    for binary_label, rewarded in ((1, [0]), (0, [1, 2])):
+        record = Record(id="r", image=image, question=QUESTION, answer="", binary_label=binary_label, domain="toy")
+        row = prpo.train_step(state, [record])
+        per_answer = rolls[-1].advantages[:, 0].tolist()
+        assert [i for i, a in enumerate(per_answer) if a > 0] == rewarded, (binary_label, per_answer)
+        assert all(a < 0 for i, a in enumerate(per_answer) if i not in rewarded)
+        assert row["answer_accuracy"] == Ratio(len(rewarded), 4)

@@ -56,6 +56,14 @@ def test_majority_answer_ratio_and_ties() -> None:
     assert majority_answer([None, None]) == (None, 0.0)
 
 
+def test_a_pseudo_label_needs_more_than_the_min_share_of_all_samples() -> None:
+    # prpo.majority_min_share=0.5, G=4: one valid vote among invalid ones is no majority
+    assert majority_answer(["real", None, None, None], 0.5) == (None, 0.25)
+    assert majority_answer(["real", "real", "fake", None], 0.5) == (None, 0.5)
+    assert majority_answer(["real", "real", "real", None], 0.5) == ("real", 0.75)
+    assert majority_answer(["fake", "fake", None, None, None], 0.3) == ("fake", 0.4)
+
+
 def test_token_advantages_take_their_paragraphs_value() -> None:
     assert token_advantages([0, 0, 1, 2, 2], [0.5, -1.0, 2.0]) == [0.5, 0.5, -1.0, 2.0, 2.0]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dxcli.runtime import dist as distmod
-from dxcli.runtime.dist import Dist, all_reduce_sum, collective_device, mean_over_ranks
+from dxcli.runtime.dist import Dist, MetricKeys, all_reduce_sum, collective_device, reduce_metrics
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dxcli"
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "broadcast", "reduce", "reduce_scatter",
@@ -36,7 +36,8 @@ def test_reduction_hands_the_backend_a_tensor_on_its_device(monkeypatch):
 def test_reductions_average_over_ranks_with_gloo(monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "gloo")
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor: tensor.mul_(2))  # two equal ranks
-    row = mean_over_ranks({"loss": 1.5, "step": 3, "name": "x"}, Dist(0, 2, 0))
+    row = reduce_metrics({"loss": 1.5, "step": 3, "name": "x"}, MetricKeys(means=("loss",), same=("step", "name")),
+                         Dist(0, 2, 0))
     assert row == {"loss": 1.5, "step": 3, "name": "x"}
     assert all_reduce_sum([1.0], Dist(0, 1, 0)) == [1.0]  # one process: no collective at all
 

@@ -159,7 +159,10 @@ def test_two_process_zero_run(tmp_path, demo_root, trained, zero_stage, one_proc
     # were gathered from both ranks before saving
     two, one = state(out / "model"), state(one_process_reference)
     assert two.keys() == one.keys()
-    assert all(torch.allclose(two[k], one[k], atol=1e-5) for k in one)
+    # 1% of the largest move two Adam steps at cpu-tiny's instruct.lr (2e-3) can make: Adam's
+    # normalised update amplifies the summation-order noise of ZeRO-3's reduce in rows whose
+    # gradient is tiny (embeddings of rare tokens: 1.4e-5 measured on one machine)
+    assert all(torch.allclose(two[k], one[k], atol=4e-5) for k in one)
     start = state(trained["align"])
     moved = {part: max((two[k] - start[k]).abs().max().item() for k in start if part in k)
              for part in ("vision_tower", "language_model")}

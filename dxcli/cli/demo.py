@@ -37,8 +37,10 @@ def demo(
     console.print(f"detect {d['image']}: [bold]{d['verdict']}[/] (head P(fake) {d['head_prob']:.3f})")
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}")
-    overall = result.score["overall"]
-    line = f"F1 {overall['f1']:.3f} (bar {F1_BAR}), head ROC-AUC {overall.get('head_auc') or 0:.3f} (bar {AUC_BAR})"
+    line = "; ".join(
+        f"{name} F1 {score['overall']['f1'] or 0:.3f}, head ROC-AUC {score['overall'].get('head_auc') or 0:.3f}"
+        for name, score in (("instruct", result.score), ("prpo", result.score_prpo)))
+    line += f" (bars: F1 {F1_BAR} or ROC-AUC {AUC_BAR}, each model)"
     if not result.passed:
         raise DxError(f"demo below the bar: {line}")
     console.print(f"[green]demo passed[/]: {line}; outputs in {result.out}")

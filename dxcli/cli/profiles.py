@@ -54,6 +54,11 @@ def show(
         print_config(resolved, console_=console)
         return
     from dxcli.jobs.memory import STAGES, plan_memory
+    from dxcli.jobs.memory_checkpoint import CHECKPOINT_SHARE_TARGET
 
     for one in [stage] if stage else STAGES:  # plan_memory rejects an unknown stage
-        print_memory_plan(plan_memory(resolved.config, one), resolved.profile, console_=console)
+        plan = plan_memory(resolved.config, one)
+        print_memory_plan(plan, resolved.profile, console_=console)
+        share = plan.checkpoint.share
+        colour = "yellow" if share is not None and share > CHECKPOINT_SHARE_TARGET else "dim"
+        console.print(f"[{colour}]{plan.checkpoint.describe()}[/]")

@@ -19,24 +19,45 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in -
 ForceOpt = Annotated[bool, typer.Option("--force", help="Start over in an existing --out (deletes it).")]
 SkipBadOpt = Annotated[bool, typer.Option("--skip-bad", help="Skip records whose images are missing/unreadable.")]
 NprocOpt = Annotated[Optional[int], typer.Option("--nproc-per-node", help="Processes per node (overrides the profile).")]
-NnodesOpt = Annotated[Optional[int], typer.Option("--nnodes", help="Number of nodes.")]
-NodeRankOpt = Annotated[int, typer.Option("--node-rank", help="This node's rank (multi-node).")]
-MasterOpt = Annotated[str, typer.Option("--master-addr", help="Address of node 0 (multi-node).")]
-PortOpt = Annotated[Optional[int], typer.Option("--master-port", help="Rendezvous port (default: a free one).")]
-HostfileOpt = Annotated[Optional[Path], typer.Option("--hostfile", help="DeepSpeed hostfile: launch on several nodes with the deepspeed launcher.")]
+NnodesOpt = Annotated[Optional[int], typer.Option("--nnodes", help="Number of nodes (torchrun): run the same command on every node, each with its --node-rank; --out must be one folder every node shares, at the same path.")]
+NodeRankOpt = Annotated[int, typer.Option("--node-rank", help="This node's rank, 0..nnodes-1. Node 0 prepares --out and saves the model; the others wait for it and only run their workers.")]
+MasterOpt = Annotated[Optional[str], typer.Option("--master-addr", help="Node 0's address, reachable from every node: required with --nnodes > 1; with --hostfile the DeepSpeed launcher finds it. One node: 127.0.0.1.")]
+PortOpt = Annotated[Optional[int], typer.Option("--master-port", help="Rendezvous port, the same on every node (default: a free one on one node, 29500 on several).")]
+HostfileOpt = Annotated[Optional[Path], typer.Option("--hostfile", help="DeepSpeed hostfile ('HOST slots=N' lines): run dx once, on the first host; the DeepSpeed launcher starts every host's workers over pdsh/ssh. --out must be shared.")]
+
+
+def _launch_spec(resolved, out: Path, node_rank: int, master_addr: str | None, master_port: int | None,
+                 hostfile: Path | None):
+    """The launch flags, checked; on a node other than 0, after node 0 has prepared --out. Both
+    before the heavy imports: a missing flag or a node 0 that never starts fails in seconds."""
+    from dxcli.jobs.nodes import LaunchSpec, check_spec, wait_for_node0
+
+    spec = LaunchSpec(nproc_per_node=resolved.config.hardware.nproc_per_node, nnodes=resolved.config.hardware.nnodes,
+                      node_rank=node_rank, master_addr=master_addr, master_port=master_port,
+                      hostfile=str(hostfile) if hostfile else None)
+    check_spec(spec)
+    if spec.joins_node0:
+        wait_for_node0(out, spec, say=err_console.print)
+    return spec
+
+
+def _done(label: str, saved: Path, out: Path, node_rank: int) -> None:
+    """The last line: the model and metrics, which only node 0 writes."""
+    if node_rank > 0:
+        console.print(f"[green]node {node_rank} done[/]: its {label} workers finished (node 0 saves the run in {out})")
+    else:
+        console.print(f"[green]{label} done[/]: model in {saved}, metrics in {out / 'metrics.jsonl'}")
 
 
 def _sft(stage: str, data, images, model, out, profile, sets, resume, force, skip_bad, nproc, nnodes,
          node_rank, master_addr, master_port, hostfile) -> None:
-    from dxcli.jobs.launch import LaunchSpec
+    resolved = resolve_config(profile, sets, {"hardware.nproc_per_node": nproc, "hardware.nnodes": nnodes})
+    spec = _launch_spec(resolved, out, node_rank, master_addr, master_port, hostfile)
     from dxcli.jobs.stages import run_sft_stage
 
-    resolved = resolve_config(profile, sets, {"hardware.nproc_per_node": nproc, "hardware.nnodes": nnodes})
-    spec = LaunchSpec(node_rank=node_rank, master_addr=master_addr, master_port=master_port,
-                      hostfile=str(hostfile) if hostfile else None)
     saved = run_sft_stage(stage, out=out, resolved=resolved, data=data, images=images, model=model, resume=resume,
                           force=force, skip_bad=skip_bad, spec=spec, say=err_console.print)
-    console.print(f"[green]{stage} done[/]: model in {saved}, metrics in {out / 'metrics.jsonl'}")
+    _done(stage, saved, out, node_rank)
 
 
 def _sft_command(stage: str, doc: str):
@@ -46,7 +67,7 @@ def _sft_command(stage: str, doc: str):
         out: OutOpt, data: DataOpt = None, images: ImagesOpt = None, model: ModelOpt = None,
         profile: ProfileOpt = DEFAULT_PROFILE_NAME, sets: SetOpt = None, resume: ResumeOpt = False,
         force: ForceOpt = False, skip_bad: SkipBadOpt = False, nproc_per_node: NprocOpt = None,
-        nnodes: NnodesOpt = None, node_rank: NodeRankOpt = 0, master_addr: MasterOpt = "127.0.0.1",
+        nnodes: NnodesOpt = None, node_rank: NodeRankOpt = 0, master_addr: MasterOpt = None,
         master_port: PortOpt = None, hostfile: HostfileOpt = None,
     ) -> None:
         _sft(stage, data, images, model, out, profile, sets, resume, force, skip_bad, nproc_per_node, nnodes,
@@ -77,21 +98,21 @@ def prpo(
     domain: Annotated[Optional[list[str]], typer.Option("--domain", help="Only these domains of a dataset tree (repeatable).")] = None,
     profile: ProfileOpt = DEFAULT_PROFILE_NAME, sets: SetOpt = None, resume: ResumeOpt = False,
     force: ForceOpt = False, nproc_per_node: NprocOpt = None, nnodes: NnodesOpt = None,
-    node_rank: NodeRankOpt = 0, master_addr: MasterOpt = "127.0.0.1", master_port: PortOpt = None,
+    node_rank: NodeRankOpt = 0, master_addr: MasterOpt = None, master_port: PortOpt = None,
     hostfile: HostfileOpt = None,
 ) -> None:
     """Stage 3, RL: PRPO (paragraph-level rewards) or the GRPO baseline, from an instruct checkpoint.
 
     Example: dx train prpo --model runs/instruct --data demo-data --out runs/prpo --algo prpo
     Example (test-time RL on a held-out domain): dx train prpo --model runs/instruct --data DF_R5 --domain sit --split test --labels none --out runs/ttrl
-    """
-    from dxcli.jobs.launch import LaunchSpec
-    from dxcli.jobs.stages import run_prpo_stage
 
+    Example (2 nodes; the same command on each, --node-rank 1 on the second, --out on a shared disk): dx train prpo --model /shared/instruct --data /shared/DF_R5 --out /shared/runs/prpo --profile h100x2 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500
+    """
     resolved = resolve_config(profile, sets, {"hardware.nproc_per_node": nproc_per_node, "hardware.nnodes": nnodes,
                                               "prpo.algo": algo, "prpo.labels": labels, "prpo.clip": clip})
-    spec = LaunchSpec(node_rank=node_rank, master_addr=master_addr, master_port=master_port,
-                      hostfile=str(hostfile) if hostfile else None)
+    spec = _launch_spec(resolved, out, node_rank, master_addr, master_port, hostfile)
+    from dxcli.jobs.stages import run_prpo_stage
+
     saved = run_prpo_stage(out=out, resolved=resolved, model=model, data=data, images=images, split=split,
                            domains=domain, resume=resume, force=force, spec=spec, say=err_console.print)
-    console.print(f"[green]{resolved.config.prpo.algo} done[/]: model in {saved}, metrics in {out / 'metrics.jsonl'}")
+    _done(resolved.config.prpo.algo, saved, out, node_rank)

@@ -157,14 +157,15 @@ def _validate_choices(section: Any, prefix: str = "") -> None:
 _RANGES: dict[str, tuple[float, bool]] = {
     **dict.fromkeys(["hardware.nproc_per_node", "hardware.nnodes", "hardware.micro_batch", "hardware.grad_accum",
                      "train.keep_checkpoints", "train.log_every", "train.max_length", "prpo.images_per_step",
-                     "prpo.max_new_tokens", "prpo.updates_per_rollout", "eval.batch_size", "eval.max_new_tokens",
+                     "prpo.max_new_tokens", "prpo.updates_per_rollout", "prpo.guard_every", "prpo.guard_probe_size", "eval.batch_size", "eval.max_new_tokens",
                      "model.image_size", "model.head_hidden"], (1, False)),
-    **dict.fromkeys(["hardware.num_workers", "hardware.threads", "hardware.zero_stage", "train.max_steps",
+    **dict.fromkeys(["hardware.num_workers", "hardware.threads", "hardware.zero_stage", "align.zero_stage", "train.max_steps",
                      "train.save_every", "train.save_every_minutes", "train.warmup_ratio", "train.weight_decay",
                      "train.max_grad_norm", "prpo.beta", "prpo.eps_low", "prpo.eps_high", "prpo.vcr_weight",
                      "prpo.pcr_weight", "eval.temperature", "align.bin_alpha", "instruct.bin_alpha"], (0, False)),
     **dict.fromkeys(["train.epochs", "align.lr", "instruct.lr", "prpo.lr", "align.epochs", "instruct.epochs",
-                     "instruct.vision_lr", "prpo.epochs", "prpo.temperature", "prpo.top_p", "eval.top_p", "prpo.adv_eps"], (0, True)),
+                     "instruct.vision_lr", "prpo.epochs", "prpo.temperature", "prpo.top_p", "eval.top_p", "prpo.adv_eps",
+                     "hardware.checkpoint_write_gbps"], (0, True)),
     "prpo.group_size": (2, False),  # advantages compare samples of one image: one sample has none
 }
 
@@ -180,12 +181,14 @@ def _validate_ranges(config: "DxConfig") -> None:
         if value < lowest or (strict and value == lowest):
             bound = f"> {lowest}" if strict else f">= {lowest}"
             raise UsageError(f"{key} must be {bound}, got {value}")
-    if config.hardware.zero_stage > 3:
-        raise UsageError(f"hardware.zero_stage must be 0, 1, 2 or 3, got {config.hardware.zero_stage}")
+    for key in ("hardware.zero_stage", "align.zero_stage"):
+        if (get_value(config, key) or 0) > 3:
+            raise UsageError(f"{key} must be 0, 1, 2 or 3, got {get_value(config, key)}")
     if config.instruct.vision_lr is not None and not config.instruct.unfreeze_vision:
         raise UsageError("instruct.vision_lr needs instruct.unfreeze_vision=true (a frozen tower does not learn)")
-    if not 0 <= config.prpo.pcr_no_majority <= 1:
-        raise UsageError(f"prpo.pcr_no_majority must be between 0 and 1, got {config.prpo.pcr_no_majority}")
+    for key in ("prpo.pcr_no_majority", "prpo.majority_min_share", "prpo.guard_min_class_share", "prpo.guard_max_invalid_rise"):
+        if not 0 <= get_value(config, key) <= 1:
+            raise UsageError(f"{key} must be between 0 and 1, got {get_value(config, key)}")
 
 
 def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
@@ -291,6 +294,31 @@ def _validate_combinations(config: DxConfig) -> None:
         raise UsageError(f"hardware.gpu_memory_gb must be >= 0 (0 = unknown), got {hw.gpu_memory_gb}")
     if config.prpo.updates_per_rollout < 1:
         raise UsageError(f"prpo.updates_per_rollout must be >= 1, got {config.prpo.updates_per_rollout}")
+
+
+def zero_stage_for(config: DxConfig, stage: str) -> int:
+    """The ZeRO stage `stage` trains under: align.zero_stage when set, else hardware.zero_stage.
+    DeepSpeed's config, the final save and the memory planner all read it here, so they agree."""
+    if stage == "align" and config.align.zero_stage is not None:
+        return config.align.zero_stage
+    return config.hardware.zero_stage
+
+
+# LoRA learns at about 10x the full-fine-tuning rate, roughly whatever its rank ("LoRA Without
+# Regrets", Thinking Machines 2025; TRL's GRPO docs: 1e-6 full vs 1e-5 LoRA). The paper's full-FT
+# PRPO rate is 3e-7: as a LoRA rate it leaves the adapters barely moving. Below this a LoRA run warns.
+LORA_MIN_LR = 1e-6
+
+
+def stage_warnings(config: DxConfig, stage: str) -> list[str]:
+    """Plain lines to show before `stage` starts: settings that run but are probably not meant."""
+    rank = config.model.lora.rank_for(stage)  # 0 for align: validation keeps it out of lora.stages
+    lr = get_value(config, f"{stage}.lr")
+    if rank and lr < LORA_MIN_LR:
+        return [f"{stage} trains LoRA adapters (model.lora.r={rank}) at {stage}.lr={lr:g}, below {LORA_MIN_LR:g}: "
+                f"LoRA needs about 10x the full-fine-tuning rate (LoRA Without Regrets, 2025), "
+                f"e.g. --set {stage}.lr={10 * lr:.3g}"]
+    return []
 
 
 def to_dict(config: DxConfig) -> dict[str, Any]:

@@ -70,7 +70,11 @@ class HardwareConfig:
     zero_stage: int = 2
     offload_optimizer: bool = False  # optimizer states and fp32 gradients in CPU memory (ZeRO 2/3)
     offload_params: bool = False  # bf16 parameters in CPU memory, fetched per layer (ZeRO-3 only)
-    gpu_memory_gb: float = 0.0  # GiB per GPU (nvidia-smi's figure: 80 H100, 141 H200); 0 = unknown, no check
+    # GiB (2**30 bytes) per GPU as CUDA reports the card's total, what the memory plan is checked
+    # against: torch.cuda.get_device_properties(0).total_memory / 2**30, the "total capacity" of an
+    # out-of-memory message. Not the GB on the spec sheet: an "80 GB" H100 reports 79.1 (nvidia-smi:
+    # 81559 MiB = 79.6 GiB, part of it held by the driver), a "141 GB" H200 139.7. 0 = unknown, no check
+    gpu_memory_gb: float = 0.0
     skip_memory_check: bool = False  # train even when the memory planner says it will not fit
     precision: str = "fp32"  # fp32 | bf16 | fp16
     micro_batch: int = 1
@@ -83,6 +87,11 @@ class HardwareConfig:
     # call (tests/gpu/bench_decode.py). Off until validated in a full multi-step GPU run; on the
     # CPU the static cache runs uncompiled (a warning says so). `dx detect` stays dynamic.
     compiled_decode: bool = False
+    # sustained write speed of the run folder's disk in GB/s (1e9 bytes), all ranks of a checkpoint
+    # together: only the planner reads it, to print each stage's checkpoint write time and the share
+    # of training time the train.save_every_minutes cadence spends writing. 1 GB/s is a conservative
+    # figure for a local NVMe or a parallel filesystem; measure yours (e.g. dd of a 10 GB file)
+    checkpoint_write_gbps: float = 1.0
 
 
 @dataclass
@@ -111,6 +120,11 @@ class AlignConfig:
     lr: float = 1e-3
     epochs: float | None = None  # None -> train.epochs
     bin_alpha: float = 10.0  # the head learns from the start
+    # align's own ZeRO stage (0-3); None -> hardware.zero_stage. Align trains ~25M parameters
+    # (projector + head) of a frozen 7B: ZeRO-3 would gather every frozen weight in each forward
+    # and backward to save memory that align does not need. The hardware offload keys apply where
+    # this stage allows them (optimizer offload from ZeRO-2, parameter offload under ZeRO-3 only).
+    zero_stage: int | None = None
 
 
 @dataclass
@@ -126,6 +140,9 @@ class InstructConfig:
 class PrpoConfig:
     algo: str = "prpo"  # prpo | grpo
     labels: str = "gt"  # gt | majority | none
+    # a group's top verdict is its pseudo-label (labels=majority) only when it holds MORE than this
+    # share of all G samples, invalid ones counting against it; else the group teaches nothing
+    majority_min_share: float = 0.5
     lr: float = 3e-7
     epochs: float | None = None
     group_size: int = 8  # G samples per image
@@ -153,6 +170,15 @@ class PrpoConfig:
     # append each rank's rollouts ({"step", "rank", "image", "texts"}: the G responses per image) to
     # RUN/rollouts-rank{r}.jsonl, to read what the policy wrote; off by default (it grows every step)
     save_rollouts: bool = False
+    # the collapse guard (METHOD.md §12): every guard_every steps (and after the last) the policy
+    # answers guard_probe_size of the run's prompts greedily; when the smaller verdict class falls
+    # under guard_min_class_share of the valid answers (where the start called both) or the invalid
+    # rate rises by more than guard_max_invalid_rise, the run stops with the last healthy weights
+    guard: bool = True
+    guard_every: int = 10
+    guard_probe_size: int = 16
+    guard_min_class_share: float = 0.1
+    guard_max_invalid_rise: float = 0.25
 
 
 @dataclass

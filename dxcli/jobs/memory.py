@@ -7,7 +7,8 @@ optimizer step (fp32 gradients of one sub-group). What lives throughout (weights
 optimizer states, reference model, CLIP, CUDA/NCCL) is counted once; the peak is that plus the
 largest phase. Model states follow DeepSpeed's own estimators (stage_1_and_2 / stage3
 `estimate_zero{2,3}_model_states_mem_needs`); where dx knows better it says so in a comment.
-Figures are GiB (2**30 bytes).
+Figures are GiB (2**30 bytes), as is hardware.gpu_memory_gb (the card's total as CUDA reports it).
+Each plan also sizes the stage's checkpoint and its write time (jobs.memory_checkpoint).
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from dxcli.config import DxConfig
-from dxcli.jobs.memory_shapes import ModelShapes, model_shapes
+from dxcli.config import DxConfig, zero_stage_for
+from dxcli.jobs.memory_checkpoint import CheckpointPlan, plan_checkpoint
+from dxcli.jobs.memory_fix import as_flags, candidate_changes
+from dxcli.jobs.memory_shapes import ModelShapes, clip_parameters, model_shapes
+from dxcli.training.engine import ZERO3_MAX_LIVE_PARAMETERS
 from dxcli.base.errors import DxError, UsageError
 
 GIB = 2**30
@@ -39,11 +43,14 @@ ACT_BYTES_PER_LAYER = 48
 # With gradient checkpointing HF keeps each decoder layer's 16-bit input (2 bytes) and recomputes
 # one layer at a time in backward (its 48 bytes live once).
 CKPT_BYTES_PER_LAYER = 2
-# Logits, bytes per (token x vocab) element at the peak of the loss. SFT (HF ForCausalLMLoss):
-# 16-bit logits 2 + fp32 upcast 4 + fp32 log-softmax 4. PRPO (rl.prpo.completion_logprobs): fp32
-# upcast 4 + log-softmax 4 + exp 4 + product 4 for the entropy = 16. The reference pass (a copy, or
-# the policy with LoRA adapters off) runs first and is freed before the policy pass: no overlap.
-SFT_LOGIT_BYTES = 10
+# Logits, bytes per (token x vocab) element at the peak of the loss. SFT (HF ForCausalLMLoss): the
+# 16-bit logits 2 (kept by the output until backward ends) + in the loss's backward its saved fp32
+# log-softmax 4, the gradient reaching it 4 and the one it passes on 4 = 14 (LLaVA's transformers
+# < 4.46 reached 14 in the forward: fp32 upcast + a shifted fp32 copy + log-softmax). PRPO
+# (rl.prpo.completion_logprobs): fp32 upcast 4 + log-softmax 4 + exp 4 + product 4 for the entropy
+# = 16. The reference pass (a copy, or the policy with LoRA adapters off) runs first and is freed
+# before the policy pass: no overlap.
+SFT_LOGIT_BYTES = 14
 PRPO_LOGIT_BYTES = 16
 # Fixed per-GPU cost: CUDA context (~0.5 GiB), NCCL communicators and buffers (~1 GiB), cuBLAS
 # workspaces and allocator fragmentation. A rule of thumb, not a measurement: 2.5 GiB.
@@ -52,8 +59,6 @@ CUDA_OVERHEAD_GIB = 2.5
 # elements, ZeRO-3 sub_group_size 1e9 elements.
 REDUCE_BUCKET = 500_000_000
 SUB_GROUP = 1_000_000_000
-# VCR's CLIP: assumed ViT-L/14-sized (openai/clip-vit-large-patch14), fp32 as ClipScorer loads it.
-CLIP_PARAMS = 427_616_513
 # check_plan_fits suggests changes that leave this share free when it can: the plan is an estimate.
 SUGGEST_MARGIN = 0.10
 
@@ -75,6 +80,7 @@ class MemoryPlan:
     capacity: float  # GiB per GPU; 0 = unknown
     world: int
     shapes: ModelShapes
+    checkpoint: CheckpointPlan | None = None
     phase_totals: dict[str, float] = field(default_factory=dict)
     total: float = 0.0
 
@@ -123,16 +129,17 @@ def _setup(config: DxConfig, stage: str, lora_r: int | None) -> _Setup:
     if stage not in STAGES:
         raise UsageError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
     hw = config.hardware
+    zero = zero_stage_for(config, stage)  # align may run its own ZeRO stage (align.zero_stage)
     if lora_r is None:  # the run's own setting for this stage (0: full fine-tuning; align: always 0)
         lora_r = config.model.lora.rank_for(stage)
     if lora_r < 0:
         raise UsageError(f"LoRA rank must be >= 0, got {lora_r}")
     if stage == "align":  # align trains no LLM weight, so training.sft puts no adapters on it
         lora_r = 0
-    return _Setup(stage=stage, world=max(1, hw.nproc_per_node * hw.nnodes), zero=hw.zero_stage,
+    return _Setup(stage=stage, world=max(1, hw.nproc_per_node * hw.nnodes), zero=zero,
                   nbytes=4 if hw.precision == "fp32" else 2, mixed=hw.precision != "fp32",
-                  offload_optimizer=hw.offload_optimizer and hw.zero_stage >= 2,
-                  offload_params=hw.offload_params and hw.zero_stage == 3, lora_r=lora_r,
+                  offload_optimizer=hw.offload_optimizer and zero >= 2,  # as training.engine applies them
+                  offload_params=hw.offload_params and zero == 3, lora_r=lora_r,
                   reference=stage == "prpo" and config.prpo.beta > 0)
 
 
@@ -149,7 +156,9 @@ def plan_memory(config: DxConfig, stage: str, *, lora_r: int | None = None,
     if stage == "prpo":
         rows += _rollout_rows(s, config, shapes)
     rows += _update_rows(s, config, shapes)
-    return MemoryPlan(stage, rows, config.hardware.gpu_memory_gb, s.world, shapes)
+    checkpoint = plan_checkpoint(config, zero=s.zero, nbytes=s.nbytes, lora=bool(s.lora_r), trainable=sum(
+        trainable.values()), total=shapes.total + s.lora_r * shapes.lora_per_rank)
+    return MemoryPlan(stage, rows, config.hardware.gpu_memory_gb, s.world, shapes, checkpoint=checkpoint)
 
 
 def _trainable(s: _Setup, config: DxConfig, shapes: ModelShapes) -> dict[str, int]:
@@ -230,9 +239,12 @@ def _buffer_rows(s: _Setup, config: DxConfig, shapes: ModelShapes, trainable: in
     """What lives beside the model states: DeepSpeed buffers, reference model, CLIP, CUDA/NCCL."""
     rows = []
     if s.zero == 3:
-        rows.append(_row("ZeRO-3 gathered layers", 4 * shapes.largest_layer * s.nbytes / 2,
-                         f"4 x largest layer ({shapes.largest_layer / 1e6:,.0f}M), as DeepSpeed estimates",
-                         phase="update", model_state=True))
+        # DeepSpeed keeps up to stage3_max_live_parameters gathered (prefetches included) before it
+        # releases any: its estimator's 4 B x largest layer is a floor, this the bound
+        live = min(ZERO3_MAX_LIVE_PARAMETERS, shapes.total + s.lora_r * shapes.lora_per_rank)
+        rows.append(_row("ZeRO-3 gathered parameters", live * s.nbytes,
+                         f"stage3_max_live_parameters {ZERO3_MAX_LIVE_PARAMETERS / 1e9:g}e9 x {s.nbytes} B",
+                         phase="update"))
     if s.zero >= 1 and trainable:
         # ZeRO-1 stages its reduction in fp32, ZeRO-2/3 in the training dtype (stage_1_and_2.py)
         width = 4 if s.zero == 1 else s.nbytes
@@ -244,7 +256,8 @@ def _buffer_rows(s: _Setup, config: DxConfig, shapes: ModelShapes, trainable: in
             rows.append(_row("reference model", shapes.total * s.nbytes,
                              f"beta {config.prpo.beta:g}: full {config.hardware.precision} copy"))
     if s.stage == "prpo" and config.prpo.algo == "prpo" and config.prpo.clip:
-        rows.append(_row("CLIP (VCR)", CLIP_PARAMS * 4, "ViT-L/14-sized, fp32"))
+        n, what = clip_parameters(config.prpo.clip)  # fp32, as rl.clip loads it, for the whole run
+        rows.append(_row("CLIP (VCR)", n * 4, f"{n / 1e6:,.1f}M, fp32: {what}"))
     rows.append(_row("CUDA/NCCL overhead", CUDA_OVERHEAD_GIB * GIB,
                      "rule of thumb: context, NCCL, fragmentation"))
     return rows
@@ -323,16 +336,16 @@ def suggest_fix(config: DxConfig, stage: str, *, lora_r: int | None = None) -> s
     (cheapest for speed and training semantics first); leaving 10% free if any can, as the
     profiles do, since the plan is an estimate. None when nothing tried fits."""
     shapes = model_shapes(config.model)
-    changes = _candidate_changes(config, stage)
+    changes = candidate_changes(config, stage)
     for margin in (SUGGEST_MARGIN, 0.0):
         for change in changes:
             if _fits_with(config, stage, change, lora_r, shapes, margin):
-                return _as_flags(change)
+                return as_flags(change)
         combined: dict[str, Any] = {}
         for change in changes:
             combined.update(change)
             if _fits_with(config, stage, combined, lora_r, shapes, margin):
-                return _as_flags(_prune(config, stage, combined, lora_r, shapes, margin))
+                return as_flags(_prune(config, stage, combined, lora_r, shapes, margin))
     return None
 
 
@@ -350,48 +363,13 @@ def _prune(config: DxConfig, stage: str, change: dict[str, Any], lora_r: int | N
     return change
 
 
-def _candidate_changes(config: DxConfig, stage: str) -> list[dict[str, Any]]:
-    hw, p = config.hardware, config.prpo
-    out: list[dict[str, Any]] = []
-    if not config.train.grad_checkpointing:
-        out.append({"train.grad_checkpointing": True})
-    if hw.zero_stage < 3 and hw.nproc_per_node * hw.nnodes > 1:
-        out.append({"hardware.zero_stage": 3})
-    if hw.zero_stage >= 2 and not hw.offload_optimizer:
-        out.append({"hardware.offload_optimizer": True})
-    if stage == "prpo":
-        out += [{"prpo.images_per_step": n} for n in _halvings(p.images_per_step, 1)]
-        out += [{"prpo.group_size": g} for g in _halvings(p.group_size, 2)]
-        out += [{"prpo.max_new_tokens": n} for n in _halvings(p.max_new_tokens, 256)]
-        if p.beta > 0:  # no KL term, no reference model: a change of objective, so late
-            out.append({"prpo.beta": 0.0})
-    else:  # the same global batch in smaller micro-batches
-        out += [{"hardware.micro_batch": m, "hardware.grad_accum": hw.grad_accum * hw.micro_batch // m}
-                for m in _halvings(hw.micro_batch, 1)]
-    if hw.zero_stage == 3 and not hw.offload_params:
-        out.append({"hardware.offload_params": True})
-    return out
-
-
-def _halvings(value: int, floor: int) -> list[int]:
-    out = []
-    while value // 2 >= floor:
-        value //= 2
-        out.append(value)
-    return out
-
-
 def _fits_with(config: DxConfig, stage: str, change: dict[str, Any], lora_r: int | None,
                shapes: ModelShapes, margin: float) -> bool:
     trial = copy.deepcopy(config)
     for key, value in change.items():
         section, name = key.split(".")
         setattr(getattr(trial, section), name, value)
-    if trial.hardware.offload_params and trial.hardware.zero_stage != 3:
+    if trial.hardware.offload_params and zero_stage_for(trial, stage) != 3:
         return False
     plan = plan_memory(trial, stage, lora_r=lora_r, shapes=shapes)
     return plan.total <= plan.capacity * (1 - margin)
-
-
-def _as_flags(change: dict[str, Any]) -> str:
-    return " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in change.items())

@@ -14,6 +14,22 @@ from typing import Any
 from dxcli.base.errors import DxError, UsageError
 from dxcli.config import ModelConfig
 from dxcli.model.build import TINY_VISION_ARCH, timm_on_meta
+from dxcli.rl.clip import parse_open_clip
+
+# VCR's CLIP (prpo.clip), parameters per open_clip architecture, counted from open_clip's model
+# config (open_clip.get_model_config); tests/test_open_clip.py checks each against a meta build.
+# convnext_large_d_320 (embed_dim 768; image: timm convnext_large at 320 px + an MLP head; text: 16
+# blocks of width 768, context 77, vocab 49408):
+#   image  ConvNeXt-L trunk (depths 3-3-27-3, dims 192-384-768-1536; a block of width d holds
+#          8d^2 + 58d) 196,230,336 + MLP head 1536*1536 + 1536 + 1536*768 = 3,540,480 -> 199,770,816
+#   text   16 x (12 * 768^2 + 13 * 768 = 7,087,872) = 113,405,952 + token embedding 49408 * 768 =
+#          37,945,344 + positions 77 * 768 = 59,136 + final LayerNorm 1,536 + projection 768 * 768
+#          = 589,824 -> 152,001,792
+#   + logit scale 1 = 351,772,609: 1.41 GB in fp32, the size of the published weights file
+OPEN_CLIP_PARAMS = {"convnext_large_d_320": 351_772_609}
+# A transformers CLIPModel the planner cannot read offline: assumed ViT-L/14-sized
+# (openai/clip-vit-large-patch14), the larger of the two CLIPs dx documents.
+ASSUMED_CLIP_PARAMS = 427_616_513
 
 # LoRA targets when a plan is asked for without a config's model.lora.target_modules (its default):
 # every linear layer of the LLM's decoder blocks.
@@ -165,3 +181,42 @@ def _unique_numel(module: Any) -> int:
 
 def _largest_layer(module: Any) -> int:
     return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules())
+
+
+def clip_parameters(spec: str) -> tuple[int, str]:
+    """(parameters, where the count comes from) of the CLIP `prpo.clip` names, offline: the
+    shipped count of a known open_clip architecture, else a meta-device build (open_clip's config,
+    or a local CLIPModel folder's config.json), else the ViT-L/14 assumption."""
+    parsed = parse_open_clip(spec)
+    if parsed is not None:
+        if parsed.arch in OPEN_CLIP_PARAMS:
+            return OPEN_CLIP_PARAMS[parsed.arch], f"open_clip {parsed.arch}"
+        try:
+            return _open_clip_count(parsed.arch), f"open_clip {parsed.arch}, built on meta"
+        except Exception:  # noqa: BLE001 - no open_clip, or an unknown arch: plan with the assumption
+            return ASSUMED_CLIP_PARAMS, f"open_clip {parsed.arch} unreadable, assumed ViT-L/14-sized"
+    config = Path(spec).expanduser() / "config.json"
+    if config.is_file():
+        return _clip_model_count(str(config)), f"{config}, built on meta"
+    return ASSUMED_CLIP_PARAMS, "assumed ViT-L/14-sized"
+
+
+@functools.lru_cache(maxsize=8)
+def _open_clip_count(arch: str) -> int:
+    import open_clip
+    import torch
+
+    if arch.endswith(".json"):  # a model config of one's own, registered under its file name
+        open_clip.add_model_config(Path(arch).expanduser())
+        arch = Path(arch).stem
+    with torch.device("meta"):
+        return _unique_numel(open_clip.create_model(arch, pretrained=None, device="meta"))
+
+
+@functools.lru_cache(maxsize=8)
+def _clip_model_count(config_json: str) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    with torch.device("meta"):
+        return _unique_numel(AutoModel.from_config(AutoConfig.from_pretrained(Path(config_json).parent)))

@@ -14,6 +14,7 @@ from dxcli import config as cfgmod
 from dxcli.base.errors import DxError, UsageError
 from dxcli.base.jsonio import write_jsonl_atomic
 from dxcli.data.records import default_reasoning, find_bad_images, load_records, records_from_tree
+from dxcli.jobs.nodes import forget_ready
 from dxcli.model.checkpoint import build_model, resolve_model_path, save_checkpoint
 from dxcli.runtime.env import quiet_libraries
 from dxcli.training.state import checkpoint_tags
@@ -41,6 +42,7 @@ def open_run_dir(run_dir: Path, resolved: cfgmod.Resolved, *, resume: bool, forc
                           "run the same command without --resume to start it")
         config = cfgmod.with_overrides(cfgmod.load(saved), resolved)
         _check_before_writing(config, check)
+        forget_ready(run_dir)  # no other node may start on the last launch's job while this one prepares
         cfgmod.save(config, saved)
         return config
     if run_dir.is_file():

@@ -15,9 +15,10 @@ from dxcli.base.jsonio import iter_jsonl
 from dxcli.data.records import load_records
 from dxcli.evaluation.infer import InferJob, load_questions, merge_outputs
 from dxcli.jobs import prepare
-from dxcli.jobs.launch import LaunchSpec, launch, spec_for
+from dxcli.jobs.launch import LaunchSpec, join_run, launch, spec_for
 from dxcli.jobs.memory import check_plan_fits
 from dxcli.model.checkpoint import check_attention, resolve_model_path
+from dxcli.model.checkpointing import check_deepspeed
 from dxcli.rl.clip import check_clip_spec
 from dxcli.training.prpo import PrpoJob
 from dxcli.training.sft import SftJob
@@ -26,11 +27,20 @@ from dxcli.training.sft import SftJob
 def preflight(stage: str) -> Callable[[cfgmod.DxConfig], None]:
     """Checks before anything is loaded or launched, each a one-line error: the attention kernel
     is available, and the memory plan fits hardware.gpu_memory_gb (refused with a `--set` that fits;
-    no-op when the capacity is 0, as on cpu-tiny, or with hardware.skip_memory_check=true). Minutes
-    of loading a 7B model would otherwise end in an ImportError or an OOM."""
+    no-op when the capacity is 0, as on cpu-tiny, or with hardware.skip_memory_check=true), and
+    PRPO's CLIP is on disk (fetched here once with model.download=true). Minutes of loading a 7B
+    model would otherwise end in an ImportError, an OOM or a missing file. Settings that run but
+    are probably not meant (config.stage_warnings) are printed as plain lines."""
     def check(config: cfgmod.DxConfig) -> None:
+        import sys
+
         check_attention(config.model.attn_implementation)
         check_plan_fits(config, stage)
+        check_deepspeed(cfgmod.zero_stage_for(config, stage), config.train.grad_checkpointing)
+        if stage == "prpo" and config.prpo.algo == "prpo" and config.prpo.clip:  # grpo loads no CLIP
+            check_clip_spec(config.prpo.clip, download=config.model.download)
+        for line in cfgmod.stage_warnings(config, stage):
+            print(f"warning: {line}", file=sys.stderr, flush=True)
     return check
 
 
@@ -38,8 +48,11 @@ def run_sft_stage(stage: str, *, out: Path, resolved: cfgmod.Resolved, data: Pat
                   images: Path | None = None, model: str | None = None, resume: bool = False,
                   force: bool = False, skip_bad: bool = False, spec: LaunchSpec | None = None,
                   say: Callable[[str], None] = print) -> Path:
-    """align or instruct; returns the saved model folder (RUN/model)."""
+    """align or instruct; returns the saved model folder (RUN/model). On a node other than 0
+    (`spec.node_rank`), only this node's workers run: node 0 prepares the shared RUN and saves it."""
     out = Path(out)
+    if spec is not None and spec.joins_node0:
+        return join_run(stage, out, spec_for(resolved.config, spec), say)
     config = prepare.open_run_dir(out, resolved, resume=resume, force=force, check=preflight(stage))
     records_file, images_root = prepare.run_records(out, "train-records.jsonl", resume=resume, say=say,
                                                     data=data, images=images, skip_bad=skip_bad)
@@ -78,8 +91,10 @@ def run_prpo_stage(*, out: Path, resolved: cfgmod.Resolved, model: str | None, d
                    images: Path | None = None, split: str = "train", domains: list[str] | None = None,
                    resume: bool = False, force: bool = False, spec: LaunchSpec | None = None,
                    say: Callable[[str], None] = print) -> Path:
-    """PRPO / GRPO from an SFT checkpoint; returns RUN/model."""
+    """PRPO / GRPO from an SFT checkpoint; returns RUN/model (node 0 saves it; see run_sft_stage)."""
     out = Path(out)
+    if spec is not None and spec.joins_node0:
+        return join_run("prpo", out, spec_for(resolved.config, spec), say)
     config = prepare.open_run_dir(out, resolved, resume=resume, force=force, check=preflight("prpo"))
     start = resolve_model_path(model) or config.model.path
     if start is None:
@@ -89,15 +104,26 @@ def run_prpo_stage(*, out: Path, resolved: cfgmod.Resolved, model: str | None, d
     records_file, images_root = prepare.run_records(
         out, "prompt-records.jsonl", resume=resume, say=say, data=data, images=images, split=split, domains=domains,
         require_labels=config.prpo.labels == "gt" and config.prpo.algo == "grpo")
-    if config.prpo.clip:
-        check_clip_spec(config.prpo.clip)
     job = PrpoJob(run_dir=str(out), config=str(out / "config.yaml"), records=str(records_file),
                   images=str(images_root), model=start, resume=resume)
     launch("prpo", job, spec_for(config, spec))
-    warning = prpo_signal_warning(out)
-    if warning:
-        say(f"warning: {warning}")
+    for warning in (prpo_signal_warning(out), prpo_guard_warning(out)):
+        if warning:
+            say(f"warning: {warning}")
     return out / "model"
+
+
+def prpo_guard_warning(run_dir: Path) -> str | None:
+    """One plain line when the collapse guard stopped the run (RUN/summary.json `stopped_by_guard`):
+    what drifted, and which weights RUN/model holds instead."""
+    path = Path(run_dir) / "summary.json"
+    tripped = json.loads(path.read_text(encoding="utf-8")).get("stopped_by_guard") if path.is_file() else None
+    if not tripped:
+        return None
+    return (f"collapse guard: stopped at step {tripped['step']}: {tripped['reason']}; {Path(run_dir) / 'model'} "
+            f"holds the weights of step {tripped['restored_step']} (the last healthy probe), the drifted ones are "
+            f"in {tripped.get('drifted_model')}; lower prpo.lr or raise prpo.beta, or --set prpo.guard=false to "
+            "train on regardless")
 
 
 def prpo_signal_warning(run_dir: Path) -> str | None:

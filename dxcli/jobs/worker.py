@@ -6,6 +6,7 @@ A user-caused failure is written to RUN/error-rankN.txt so the parent can show i
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,15 @@ from dxcli.runtime.env import quiet_libraries
 
 def main(argv: list[str]) -> int:
     quiet_libraries()
-    task, job = read_job(Path(argv[0]))
+    job_file = Path(argv[-1])  # the last argument: a launcher may put `--local_rank=N` before it
     rank = from_env().rank
+    if not job_file.is_file():
+        # another node's worker (DeepSpeed hostfile) that cannot see the run folder: no error file
+        # can reach the launching dx, so the reason goes to the output it relays
+        print(f"error (rank {rank}, {socket.gethostname()}): {job_file} not found: with several nodes, --out "
+              "must be one folder that every node shares, at the same path", file=sys.stderr, flush=True)
+        return 1
+    task, job = read_job(job_file)
     try:
         run_task(task, job)
     except Interrupted:

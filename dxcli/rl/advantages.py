@@ -38,10 +38,18 @@ def prpo_token_advantages(token_ids: list[list[int]], tokenizer, *, images: list
                "pcr": mean([p for s in group for p in s.pcr]),
                "final_pcr": mean([s.pcr[s.final_index] if s.pcr else 0.0 for s in group]),
                "paragraphs": mean([len(s.paragraphs) for s in group])}
-        if vcr:
+        if vcr is not None:
             row["vcr"] = mean([v for vs in vcr[i] for v in vs])
         stats.append(row)
     return token_adv, stats
+
+
+def reward_stat_keys(algo: str, vcr: bool) -> tuple[str, ...]:
+    """The per-image statistics `prpo_token_advantages` / `grpo_token_advantages` report: the same
+    keys for every image of every rank, decided by the config alone (`vcr`: PRPO with a CLIP)."""
+    if algo == "grpo":
+        return ("reward",)
+    return ("reward", "pcr", "final_pcr", "paragraphs") + (("vcr",) if vcr else ())
 
 
 def verdict_only_credit(advantages: list[float], owners: list[int], decoded: tuple[str, list[tuple[int, int]]],

@@ -4,8 +4,11 @@
 - a transformers CLIPModel folder (model, tokenizer and image processor saved together) or hub id;
 - `open_clip:ARCH[:PRETRAINED_OR_FILE]`: an open_clip architecture, a built-in name (the paper's
   `convnext_large_d_320`) or a path to a model-config JSON, with its weights: an open_clip tag
-  (`laion2b_s29b_b131k_ft_soup`, fetched by open_clip, so online or already cached) or a local
-  weights file; without it the weights are random (tests only). Needs `pip install "dxcli[clip]"`.
+  (`laion2b_s29b_b131k_ft_soup`) or a local weights file; without it the weights are random (tests
+  only). Needs `pip install "dxcli[clip]"`. A tag's weights are read from the local cache (the
+  Hugging Face hub cache, or ~/.cache/clip for open_clip's URL-hosted ones): nothing is downloaded
+  while training, so a missing file fails in one line with the command that fetches it. With
+  model.download=true the parent process fetches it once, before any worker starts.
 
 Either way the embeddings are unit-norm float32, an image is embedded once and reused for every
 keyword, and all keywords of a step go through one batched text pass.
@@ -14,6 +17,9 @@ keyword, and all keywords of a step go through one batched text pass.
 from __future__ import annotations
 
 import importlib.util
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,18 +139,17 @@ class OpenClipScorer(ClipScorer):
         self.name = name
 
     @classmethod
-    def load(cls, spec: str | Path, device: Any = "cpu") -> OpenClipScorer:
-        """From `open_clip:ARCH[:PRETRAINED_OR_FILE]` (see the module's docstring)."""
+    def load(cls, spec: str | Path, device: Any = "cpu", download: bool = False) -> OpenClipScorer:
+        """From `open_clip:ARCH[:PRETRAINED_OR_FILE]` (see the module's docstring); a tag's weights
+        come from the local cache unless `download` (the hub is offline for open_clip otherwise)."""
         spec = str(spec)
         parsed = parse_open_clip(spec)
         open_clip = _import_open_clip(spec)
-        arch = parsed.arch
-        if arch.endswith(".json"):  # a model config of one's own, registered under its file name
-            open_clip.add_model_config(Path(arch).expanduser())
-            arch = Path(arch).stem
+        arch = _registered_arch(open_clip, parsed.arch)
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                arch, pretrained=parsed.local_pretrained(), device=device)
+            with _hub_offline() if not download else nullcontext():
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    arch, pretrained=parsed.local_pretrained(), device=device)
             tokenizer = open_clip.get_tokenizer(arch)
         except (RuntimeError, OSError, ValueError, KeyError) as exc:
             raise DxError(f"cannot load open_clip model '{spec}': {_first_line(exc)}") from None
@@ -189,8 +194,10 @@ def parse_open_clip(spec: str) -> OpenClipSpec | None:
     return OpenClipSpec(arch, pretrained or None)
 
 
-def check_clip_spec(spec: str) -> None:
-    """What can be checked before any worker starts, without loading a model."""
+def check_clip_spec(spec: str, download: bool = False) -> None:
+    """What can be checked before any worker starts, without loading a model: the spec's form, the
+    open_clip extra, local files, and that an open_clip tag's weights are in the local cache
+    (fetched here, once, when `download`: model.download=true)."""
     parsed = parse_open_clip(spec)
     if parsed is None:
         if not Path(spec).expanduser().exists() and "/" not in spec:
@@ -203,14 +210,98 @@ def check_clip_spec(spec: str) -> None:
     weights = parsed.local_pretrained()
     if weights and _is_path(weights) and not Path(weights).is_file():
         raise DxError(f"--clip {spec}: no such weights file: {weights}")
+    if weights and not _is_path(weights):
+        _check_cached_tag(spec, parsed, download)
 
 
-def load_clip(spec: str | Path, device: Any = "cpu") -> ClipScorer:
-    """The scorer `prpo.clip` names: open_clip for `open_clip:...`, else transformers' CLIPModel."""
-    check_clip_spec(str(spec))
+def load_clip(spec: str | Path, device: Any = "cpu", download: bool = False) -> ClipScorer:
+    """The scorer `prpo.clip` names: open_clip for `open_clip:...`, else transformers' CLIPModel.
+    An open_clip tag loads from the local cache only, unless `download`."""
+    check_clip_spec(str(spec), download)
     if parse_open_clip(str(spec)) is not None:
-        return OpenClipScorer.load(spec, device)
+        return OpenClipScorer.load(spec, device, download)
     return ClipScorer.load(spec, device)
+
+
+@dataclass(frozen=True)
+class TagWeights:
+    """Where an open_clip tag's weights live once fetched, and the one command that fetches them."""
+
+    cached: str | None  # the local file, None when not fetched yet
+    where: str  # what was looked at (the cache folder)
+    fetch: str  # a shell command that fetches exactly what open_clip reads
+
+
+def tag_weights(arch: str, tag: str) -> TagWeights:
+    """Look up `tag`'s weights as open_clip's own download would, without any network access: a
+    Hugging Face repo file in the hub cache (open_clip prefers its .safetensors twin), or a URL
+    file in ~/.cache/clip."""
+    import open_clip
+    from open_clip import pretrained as registry
+
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not cfg:
+        known = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
+        raise DxError(f"open_clip:{arch}:{tag}: open_clip knows no such weights (tags for {arch}: {known})")
+    if cfg.get("file"):  # registered with a local file: open_clip reads it as is
+        file = Path(cfg["file"])
+        return TagWeights(str(file) if file.is_file() else None, str(file.parent), f"restore {file}")
+    if cfg.get("hf_hub"):
+        import huggingface_hub.constants as hub
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(cfg["hf_hub"])  # 'org/name/' names the repo's default file
+        filename = filename or registry.HF_WEIGHTS_NAME
+        twins = getattr(registry, "_get_safe_alternatives", lambda name: ())(filename)
+        found = [hit for name in (*twins, filename)
+                 if isinstance(hit := try_to_load_from_cache(repo, name, cache_dir=hub.HF_HUB_CACHE), str)]
+        return TagWeights(found[0] if found else None, f"the Hugging Face cache {hub.HF_HUB_CACHE}",
+                          f"hf download {repo} {filename}")
+    target = Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"])  # open_clip's URL cache
+    fetch = f"python -c \"import open_clip; open_clip.create_model('{arch}', pretrained='{tag}')\""
+    return TagWeights(str(target) if target.is_file() else None, str(target.parent), fetch)
+
+
+def _check_cached_tag(spec: str, parsed: OpenClipSpec, download: bool) -> None:
+    """One line naming the fetch command when a tag's weights are not local (or fetch them)."""
+    import open_clip
+
+    arch = _registered_arch(open_clip, parsed.arch)
+    found = tag_weights(arch, parsed.pretrained)
+    if found.cached:
+        return
+    if not download:
+        raise DxError(f"prpo.clip={spec}: its weights are not in {found.where} and dx downloads nothing while "
+                      f"training; fetch them once: {found.fetch} (or let dx train fetch them: --set model.download=true)")
+    from open_clip import pretrained as registry
+
+    try:  # here, in the parent process, once: the workers then read the cache
+        registry.download_pretrained(open_clip.get_pretrained_cfg(arch, parsed.pretrained))
+    except Exception as exc:  # noqa: BLE001 - any failed fetch ends the same way, in one line
+        raise DxError(f"prpo.clip={spec}: could not download its weights ({_first_line(exc)}); "
+                      f"fetch them by hand: {found.fetch}") from None
+
+
+def _registered_arch(open_clip: Any, arch: str) -> str:
+    """The open_clip model name of `arch`; a config JSON of one's own is registered under its stem."""
+    if arch.endswith(".json"):
+        open_clip.add_model_config(Path(arch).expanduser())
+        return Path(arch).stem
+    return arch
+
+
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """The Hugging Face hub offline for what runs inside (open_clip fetches through it): a cached
+    file loads, a missing one fails at once. model.compose.hub_access does the same for the model;
+    importing it here would load torch with this module."""
+    import huggingface_hub.constants as hub
+
+    previous, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = previous
 
 
 def _import_open_clip(spec: str) -> Any:

@@ -47,16 +47,20 @@ def grpo_rewards(answers: list[str | None], target: str | None) -> list[float]:
     return [1.0 if target is not None and answer == target else 0.0 for answer in answers]
 
 
-def majority_answer(answers: list[str | None]) -> tuple[str | None, float]:
+def majority_answer(answers: list[str | None], min_share: float = 0.0) -> tuple[str | None, float]:
     """(majority answer, share of the G answers that gave the top answer).
 
     Invalid answers (None) never win but count in the share's denominator. A tie gives None with
-    the tied share (e.g. 4 real / 4 fake -> (None, 0.5)); no valid answer gives (None, 0.0).
+    the tied share (e.g. 4 real / 4 fake -> (None, 0.5)); no valid answer gives (None, 0.0). The
+    top answer is a pseudo-label only when its share is above `min_share` (prpo.majority_min_share,
+    METHOD.md §12): with 0.5 and G=4, [real, None, None, None] and [real, real, fake, None] give
+    None, since one or two votes out of four are no majority of the group.
     """
     counts = Counter(answer for answer in answers if answer is not None)
     if not counts:
         return None, 0.0
-    return majority_label(list(answers)), counts.most_common(1)[0][1] / len(answers)
+    share = counts.most_common(1)[0][1] / len(answers)
+    return (majority_label(list(answers)) if share > min_share else None), share
 
 
 def token_advantages(paragraph_ids: list[int], para_adv: list[float]) -> list[float]:

@@ -124,11 +124,74 @@ def all_reduce_sum(values: list[float], dist: Dist) -> list[float]:
     return tensor.cpu().tolist()
 
 
-def mean_over_ranks(row: dict[str, Any], dist: Dist) -> dict[str, Any]:
-    """Mean of every float metric over ranks (each rank saw its own data); other values as given."""
-    keys = sorted(k for k, v in row.items() if isinstance(v, float))
-    sums = all_reduce_sum([row[k] for k in keys], dist)
-    return {**row, **{k: v / dist.world for k, v in zip(keys, sums)}}
+@dataclass(frozen=True)
+class Ratio:
+    """A metric only some ranks may have (an accuracy over the labelled images, when only some
+    are labelled): this rank's numerator and denominator, 0 / 0 without data. Reduced as a pair,
+    so the global value is the pooled sum / count over the ranks that had data."""
+
+    total: float
+    count: float
+
+    def __float__(self) -> float:
+        if self.count <= 0:
+            raise ValueError("a Ratio with no data has no value")
+        return self.total / self.count
+
+
+@dataclass(frozen=True)
+class MetricKeys:
+    """The metrics a loop reduces over ranks, fixed by its config and so the same on every rank.
+
+    Every rank must send the same keys in the same order: a collective over tensors of different
+    lengths is silently wrong with gloo (values of different metrics are summed together) and
+    hangs with NCCL. So the keys are listed here, never read off one rank's row.
+    """
+
+    means: tuple[str, ...]  # every rank has a value: the mean over ranks
+    ratios: tuple[str, ...] = ()  # `Ratio` values: sum of totals / sum of counts, absent when no rank had data
+    same: tuple[str, ...] = ("step",)  # equal on every rank by construction: passed through, not reduced
+
+
+def metric_vector(row: dict[str, Any], keys: MetricKeys) -> list[float]:
+    """This rank's share of the all-reduce: `keys.means` in order, then (total, count) per ratio.
+    A row with a key the spec does not name, or missing one it names, is a bug: it fails here,
+    before the collective, rather than logging one rank's value as everyone's."""
+    listed = set(keys.means) | set(keys.ratios) | set(keys.same)
+    unknown, missing = sorted(set(row) - listed), sorted(listed - set(row))
+    if unknown or missing:
+        raise ValueError(f"metrics row does not match its declared keys: unknown {unknown}, missing {missing}")
+    vector = [float(row[key]) for key in keys.means]
+    for key in keys.ratios:
+        value = row[key]
+        if not isinstance(value, Ratio):
+            raise TypeError(f"metric {key!r} is reduced as a ratio: give a Ratio, got {value!r}")
+        vector += [float(value.total), float(value.count)]
+    return vector
+
+
+def metrics_from_sums(row: dict[str, Any], keys: MetricKeys, sums: list[float], world: int) -> dict[str, Any]:
+    """The logged row from the summed vector (every rank gets the same one), in `row`'s key order.
+    A ratio no rank had data for is left out (on every rank: decided from the sums)."""
+    means = dict(zip(keys.means, sums))
+    pairs = sums[len(keys.means):]
+    ratios = {key: (pairs[2 * i], pairs[2 * i + 1]) for i, key in enumerate(keys.ratios)}
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if key in means:
+            out[key] = means[key] / world
+        elif key in ratios:
+            total, count = ratios[key]
+            if count > 0:
+                out[key] = total / count
+        else:
+            out[key] = value
+    return out
+
+
+def reduce_metrics(row: dict[str, Any], keys: MetricKeys, dist: Dist) -> dict[str, Any]:
+    """This rank's metrics row -> the row over all ranks (means, pooled ratios); identical on every rank."""
+    return metrics_from_sums(row, keys, all_reduce_sum(metric_vector(row, keys), dist), dist.world)
 
 
 def barrier(dist: Dist) -> None:

@@ -9,20 +9,32 @@ from typing import Any, Callable
 from dxcli.config import DxConfig
 
 
-def deepspeed_config(cfg: DxConfig, *, lr: float, world: int, weight_decay: float | None = None) -> dict[str, Any]:
-    """The DeepSpeed config for one training stage, from the profile's hardware and train keys."""
+# ZeRO-3 keeps at most this many gathered parameters alive per GPU (DeepSpeed's default for
+# stage3_max_live_parameters, written out so that the memory planner, jobs.memory, counts the same
+# figure: 1e9 x 2 B = 1.86 GiB in bf16). A lower value saves memory but refetches layers more often.
+ZERO3_MAX_LIVE_PARAMETERS = 1_000_000_000
+
+
+def deepspeed_config(cfg: DxConfig, *, lr: float, world: int, weight_decay: float | None = None,
+                     zero_stage: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config for one training stage, from the profile's hardware and train keys.
+    `zero_stage` is the stage's own ZeRO stage (config.zero_stage_for); None -> hardware.zero_stage."""
     hw, train = cfg.hardware, cfg.train
-    zero: dict[str, Any] = {"stage": hw.zero_stage}
-    if hw.zero_stage == 3:
+    stage = hw.zero_stage if zero_stage is None else zero_stage
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    # config validation guarantees ZeRO 2/3 for the optimizer and ZeRO-3 for parameter offload
-    if hw.offload_optimizer:
+        zero["stage3_max_live_parameters"] = ZERO3_MAX_LIVE_PARAMETERS
+    # validation ties the offload keys to hardware.zero_stage; a stage with its own ZeRO stage
+    # (align.zero_stage) keeps only the offloads that stage supports
+    offload_optimizer = hw.offload_optimizer and stage >= 2
+    if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if hw.offload_params:
+    if hw.offload_params and stage == 3:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     optimizer_params: dict[str, Any] = {"lr": lr, "weight_decay": train.weight_decay if weight_decay is None else weight_decay,
                                         "betas": [0.9, 0.999], "eps": 1e-8}
-    if not hw.offload_optimizer:
+    if not offload_optimizer:
         optimizer_params["torch_adam"] = True  # no fused-op build; offload needs DeepSpeed's CPU Adam
     return {
         "train_micro_batch_size_per_gpu": hw.micro_batch,

@@ -5,7 +5,10 @@ batched generate; image features computed once and reused by all G samples and b
 pass) -> advantages (`dxcli.rl.advantages`) -> log-probs WITH the image -> clipped surrogate
 (+ k3 KL when beta > 0) -> `prpo.updates_per_rollout` optimizer steps. With one update the old
 log-probs equal the current ones, detached: no extra forward pass; with several they are recorded
-once, before the first. The vision tower, projector and head stay frozen.
+once, before the first. The vision tower, projector and head stay frozen. Dropout (LoRA's too) is
+off in every RL pass, so all of them score the same policy. Each step's metrics are reduced over
+ranks by a key set fixed by the config (`step_metric_keys`); accuracies against the labels, which
+only some ranks may have, are pooled as (hits, count).
 
 The run ends with RUN/summary.json (steps, steps with a non-zero advantage, ...), from which the
 parent tells the user when a run had no learning signal at all.
@@ -27,19 +30,24 @@ from dxcli.base.images import load_rgb
 from dxcli.base.jsonio import dumps_line
 from dxcli.data.records import load_records
 from dxcli.model.checkpoint import load_checkpoint
+from dxcli.model import checkpointing
 from dxcli.model.lora import apply_lora
 from dxcli.rl.clip import load_clip
+from dxcli.rl.guard import ProbeMix
 from dxcli.rl.objective import policy_loss
 from dxcli.rl.rewards import load_lexicon
 from dxcli.runtime import env
-from dxcli.runtime.dist import Dist, init_distributed, mean_over_ranks
+from dxcli.runtime.dist import Dist, MetricKeys, init_distributed, reduce_metrics
 from dxcli.runtime.interrupt import StopRequest
 from dxcli.runtime.metrics import MetricsLog
 from dxcli.runtime.progress import ProgressView
 from dxcli.training import engine as ds
 from dxcli.training import state as saved_state
-from dxcli.training.rollout import Rollout, completion_logprobs, rollout
+from dxcli.training.guard import Guard, HealthyCopy, guard_due, probe_mix, probe_set
+from dxcli.training.rollout import Rollout, completion_logprobs, rollout, rollout_stat_keys
 from dxcli.training.sampler import ResumableShardSampler
+
+UPDATE_KEYS = ("loss", "kl", "clip_fraction", "entropy")  # what `update` returns: means over its steps
 
 
 @dataclass
@@ -72,6 +80,9 @@ class PrpoState:
     position: int = 0  # images of this epoch's shard already used
     # steps (over all ranks) with some non-zero advantage, and steps where no answer was valid
     tally: dict[str, int] = field(default_factory=lambda: {"steps_with_signal": 0, "steps_all_invalid": 0})
+    guard: Guard | None = None  # the collapse guard (prpo.guard), opened when the loop starts
+    guard_start: dict[str, int] | None = None  # the start's probe answers, kept across --resume
+    guard_probe: list = field(default_factory=list)  # this rank's share of the guard's probe prompts
 
 
 def setup(job: PrpoJob) -> PrpoState:
@@ -86,9 +97,11 @@ def setup(job: PrpoJob) -> PrpoState:
     lora = cfg.model.lora.rank_for("prpo") > 0
     if lora:
         bundle.model = apply_lora(bundle.model, cfg.model.lora)
+    # every RL pass (rollout, old, reference, policy) must score the same function: see disable_dropout
+    disable_dropout(bundle.model)
     bundle.model.freeze(vision=True, llm=False, projector=True, head=True)  # True = frozen
     if cfg.train.grad_checkpointing:
-        bundle.model.gradient_checkpointing_enable()
+        checkpointing.enable(bundle.model)  # non-reentrant, as the DeepSpeed floor was established with
     reference = None
     if p.beta > 0 and not lora:  # with LoRA the reference is the policy, adapters off: no copy
         reference = load_checkpoint(job.model, dtype=env.torch_dtype(hw.precision),
@@ -123,6 +136,35 @@ def setup(job: PrpoJob) -> PrpoState:
                      load_lexicon(Path(p.lexicon) if p.lexicon else None), records, sampler, total_steps, chunks)
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Dropout off for good in the RL policy (as TRL's `disable_dropout`); returns how many layers
+    had it on. The modules stay in train mode (gradient checkpointing only acts in train mode), so
+    their probabilities are set to 0 instead: the rollout (eval mode), the old and reference
+    log-probs and the policy's then score the same function, and the first update's ratio is
+    exactly 1. Covers LoRA's dropout (model.lora.dropout) and attention dropout held as a number
+    (transformers' `attention_dropout`). Only this recipe calls it: instruct keeps its dropout."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            module.p, changed = 0.0, changed + 1
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, float) and rate > 0:
+            module.attention_dropout, changed = 0.0, changed + 1
+    return changed
+
+
+def step_metric_keys(state: PrpoState) -> MetricKeys:
+    """What each step logs, the same on every rank (METHOD.md §7): the rollout's statistics, the
+    updates' means, and the loop's own figures."""
+    means, ratios = rollout_stat_keys(state.cfg.prpo, vcr=state.clip is not None)
+    return MetricKeys(means=("epoch", *means, *UPDATE_KEYS, "lr", "seconds"), ratios=ratios, same=("step",))
+
+
+def record_labels(batch: list) -> list[str | None]:
+    """The ground-truth verdict of each record ("real" / "fake"), None when unlabelled."""
+    return [record.label for record in batch]
+
+
 def next_batch(state: PrpoState) -> list:
     """The next `images_per_step` records of this rank's shard, moving to a new epoch when it runs out."""
     n = state.cfg.prpo.images_per_step
@@ -141,7 +183,7 @@ def train_step(state: PrpoState, batch: list) -> dict[str, Any]:
     started = time.time()
     # rollout: G samples per image from the current weights, with rewards and token advantages
     images = [load_rgb(Path(state.job.images) / r.image) for r in batch]
-    labels = [("fake" if r.binary_label else "real") if r.binary_label is not None else None for r in batch]
+    labels = record_labels(batch)
     with ds.weights_for_generation(engine):  # ZeRO-3: gathered once for the whole rollout
         roll = rollout(state.bundle, images, [r.question for r in batch], labels, cfg=p, clip=state.clip,
                        lexicon=state.lexicon, seed=state.cfg.train.seed * 100_003 + state.step * state.dist.world
@@ -216,7 +258,7 @@ def policy_step(state: PrpoState, roll: Rollout, fixed: list[tuple[Any, Any]]) -
     p, engine = state.cfg.prpo, state.engine
     sequences = roll.completion_ids.shape[0]
     total_tokens = roll.completion_mask.sum().clamp(min=1)
-    sums = {"kl": 0.0, "clip_fraction": 0.0, "entropy": 0.0, "loss": 0.0}
+    sums = dict.fromkeys(UPDATE_KEYS, 0.0)
     for rows, (old_logp, ref_logp) in zip(chunk_rows(state, roll), fixed):
         logp, entropy = completion_logprobs(engine, roll, rows, engine.device)
         mask = roll.completion_mask[rows].to(engine.device).float()
@@ -239,7 +281,8 @@ def policy_step(state: PrpoState, roll: Rollout, fixed: list[tuple[Any, Any]]) -
 
 def checkpoint(state: PrpoState) -> None:
     saved_state.save_training_state(state.engine, Path(state.job.run_dir) / "checkpoints", state.step,
-                                    {"epoch": state.epoch, "position": state.position, "tally": state.tally},
+                                    {"epoch": state.epoch, "position": state.position, "tally": state.tally,
+                                     "guard_start": state.guard.start.to_json() if state.guard else None},
                                     state.cfg.train.keep_checkpoints, state.dist)
 
 
@@ -252,6 +295,7 @@ def resume(state: PrpoState, log: MetricsLog) -> None:
             print(f"[{state.cfg.prpo.algo}] resumed from {client['tag']} (step {state.step})", flush=True)
         # a checkpoint from before the tally existed: assume its steps had signal rather than warn wrongly
         state.tally.update(client.get("tally", {"steps_with_signal": state.step}))
+        state.guard_start = client.get("guard_start")
 
 
 def count_signal(state: PrpoState, row: dict[str, Any]) -> None:
@@ -262,18 +306,64 @@ def count_signal(state: PrpoState, row: dict[str, Any]) -> None:
 
 
 def write_summary(state: PrpoState) -> None:
-    """RUN/summary.json: what the parent needs to say whether the run could learn at all."""
+    """RUN/summary.json: what the parent needs to say whether the run could learn at all, and
+    whether the collapse guard stopped it (`stopped_by_guard`: null, or what it saw)."""
     if state.dist.main:
         p = state.cfg.prpo
-        summary = {"algo": p.algo, "steps": state.step, **state.tally, "max_new_tokens": p.max_new_tokens}
+        summary = {"algo": p.algo, "steps": state.step, **state.tally, "max_new_tokens": p.max_new_tokens,
+                   "stopped_by_guard": state.guard.tripped if state.guard else None}
         (Path(state.job.run_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
+DRIFTED_DIR = "drifted"  # RUN/drifted/model: the weights the collapse guard refused, kept aside
+
+
 def save(state: PrpoState) -> Path:
-    checkpoint(state)
+    """Checkpoint, summary and RUN/model. After the collapse guard tripped: the drifted weights go
+    to RUN/drifted/model, RUN/model gets the last healthy copy, and no checkpoint is written (the
+    optimizer's state has drifted too; --resume continues from the last regular checkpoint)."""
+    run_dir, zero_stage = Path(state.job.run_dir), state.cfg.hardware.zero_stage
+    if state.guard and state.guard.tripped:
+        saved_state.save_final_model(state.engine, state.bundle, run_dir / DRIFTED_DIR / "model", zero_stage,
+                                     state.dist)
+        state.guard.copy.restore(state.engine.module)
+        state.guard.tripped["drifted_model"] = str(run_dir / DRIFTED_DIR / "model")
+    else:
+        checkpoint(state)
     write_summary(state)
-    return saved_state.finish(state.engine, state.bundle, Path(state.job.run_dir), state.cfg.hardware.zero_stage,
-                              state.dist, state.cfg.prpo.algo)
+    return saved_state.finish(state.engine, state.bundle, run_dir, zero_stage, state.dist, state.cfg.prpo.algo)
+
+
+def probe_now(state: PrpoState) -> ProbeMix:
+    """The current policy's greedy verdicts on the guard's probe set (all ranks)."""
+    cfg = state.cfg
+    return probe_mix(state.engine, state.bundle, state.guard_probe, Path(state.job.images),
+                     max_new_tokens=cfg.prpo.max_new_tokens, batch_size=cfg.eval.batch_size, dist=state.dist)
+
+
+def open_guard(state: PrpoState) -> Guard | None:
+    """The collapse guard for this run (None with prpo.guard off): the start's probe answers
+    (probed now, or kept from before a --resume) and a first healthy copy, the current weights."""
+    p = state.cfg.prpo
+    if not p.guard:
+        return None
+    state.guard_probe = probe_set(state.records, p.guard_probe_size, state.cfg.train.seed, state.dist)
+    start = ProbeMix(**state.guard_start) if state.guard_start else probe_now(state)
+    guard = Guard(state.guard_probe, start, HealthyCopy(Path(state.job.run_dir) / "guard", state.dist),
+                  healthy_step=state.step)
+    guard.copy.take(state.engine.module)
+    if state.dist.main:
+        print(f"[{p.algo}] collapse guard: {start.total} probe prompts every {p.guard_every} steps; "
+              f"start: {start.describe()}", flush=True)
+    return guard
+
+
+def guard_stops(state: PrpoState) -> bool:
+    """After a step: probe when due; True when the policy collapsed (every rank decides alike)."""
+    p = state.cfg.prpo
+    if state.guard is None or not guard_due(state.step, state.total_steps, p.guard_every):
+        return False
+    return state.guard.check(probe_now(state), state.step, p, state.engine.module)
 
 
 def run(job: PrpoJob) -> Path:
@@ -284,14 +374,18 @@ def train_loop(state: PrpoState, log: MetricsLog) -> None:
     """Rollout + update steps up to `total_steps`: metrics every `log_every`, checkpoints when due."""
     p, train = state.cfg.prpo, state.cfg.train
     progress = ProgressView(state.total_steps, p.algo, state.dist.main, start=state.step)
+    keys = step_metric_keys(state)
+    state.guard = open_guard(state)
     with StopRequest(state.dist, train.save_every_minutes) as stop:
         while state.step < state.total_steps:
-            row = mean_over_ranks(train_step(state, next_batch(state)), state.dist)
+            row = reduce_metrics(train_step(state, next_batch(state)), keys, state.dist)
             count_signal(state, row)
             if state.step % train.log_every == 0 or state.step == state.total_steps:
                 log.write(row)
             progress.update(state.step, {k: row[k] for k in ("reward", "invalid_rate", "response_tokens", "kl")
                                          if k in row})
+            if guard_stops(state):  # before any checkpoint: a drifted policy is never saved as progress
+                break
             saved_state.checkpoint_or_stop(step=state.step, save_every=train.save_every, run_dir=Path(state.job.run_dir),
                                            label=p.algo, dist=state.dist, save=lambda: checkpoint(state),
                                            progress=progress, stop=stop)

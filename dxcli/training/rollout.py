@@ -11,8 +11,20 @@ import torch
 from dxcli.base.answer import parse_answer
 from dxcli.config import PrpoConfig
 from dxcli.model.generate import generate, position_ids_from_mask
-from dxcli.rl.advantages import grpo_token_advantages, mean, prpo_token_advantages
+from dxcli.rl.advantages import grpo_token_advantages, mean, prpo_token_advantages, reward_stat_keys
 from dxcli.rl.objective import majority_answer
+from dxcli.runtime.dist import Ratio
+
+# what every rollout reports besides its reward statistics (all ranks, every step)
+ROLLOUT_MEANS = ("response_tokens", "invalid_rate", "majority_ratio", "zero_advantage_share")
+# accuracies against the labels, when known: only over the labelled images, so a rank (or a whole
+# step) may have none; they are Ratios (hits, labelled) and reduced as such (runtime.dist)
+LABEL_RATIOS = ("pseudo_label_accuracy", "answer_accuracy")
+
+
+def rollout_stat_keys(cfg: PrpoConfig, vcr: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(mean keys, ratio keys) of `Rollout.stats`, fixed by the config (`vcr`: a CLIP is loaded)."""
+    return reward_stat_keys(cfg.algo, vcr and cfg.algo == "prpo") + ROLLOUT_MEANS, LABEL_RATIOS
 
 
 @dataclass
@@ -25,7 +37,7 @@ class Rollout:
     completion_ids: Any  # [B*G, T] right-padded
     completion_mask: Any
     advantages: Any  # [B*G, T] per token
-    stats: dict[str, float]
+    stats: dict[str, float | Ratio]  # keys: `rollout_stat_keys`
     texts: list[str]  # the B*G decoded responses, grouped by image (prpo.save_rollouts keeps them)
 
 
@@ -37,7 +49,7 @@ def rollout(bundle, images, questions, labels, *, cfg: PrpoConfig, clip, lexicon
     gen = generate(bundle, images, questions, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                    top_p=cfg.top_p, samples_per_image=G, seed=seed, compiled=compiled)
     answers = [parse_answer(t) for t in gen.texts]
-    majorities = [majority_answer(answers[i * G:(i + 1) * G]) for i in range(len(images))]
+    majorities = [majority_answer(answers[i * G:(i + 1) * G], cfg.majority_min_share) for i in range(len(images))]
     if cfg.algo == "grpo":
         targets = [labels[i] if cfg.labels == "gt" else majorities[i][0] for i in range(len(images))]
         token_adv, group_stats = grpo_token_advantages(answers, targets, gen.token_ids, G, cfg.adv_eps)
@@ -53,21 +65,31 @@ def rollout(bundle, images, questions, labels, *, cfg: PrpoConfig, clip, lexicon
         completion[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         completion_mask[row, :len(ids)] = 1
         advantages[row, :len(ids)] = torch.tensor(adv[:len(ids)])
-    stats = {key: mean([s[key] for s in group_stats if key in s]) for key in group_stats[0]}
+    # every image reports every key: a key missing from one group is a bug, not a shorter mean
+    reward_keys = reward_stat_keys(cfg.algo, cfg.algo == "prpo" and clip is not None)
+    stats: dict[str, float | Ratio] = {key: mean([s[key] for s in group_stats]) for key in reward_keys}
     stats.update(
         response_tokens=mean([len(ids) for ids in gen.token_ids]),
         invalid_rate=mean([float(a is None) for a in answers]),
         majority_ratio=mean([ratio for _, ratio in majorities]),
         # rollouts that teach nothing: every token's advantage is 0 (equal rewards within the group)
         zero_advantage_share=1.0 - (advantages != 0).any(dim=1).float().mean().item(),
+        **label_accuracy(answers, majorities, labels, G),
     )
-    known = [i for i, label in enumerate(labels) if label is not None]
-    if known:
-        stats["pseudo_label_accuracy"] = mean([float(majorities[i][0] == labels[i]) for i in known])
-        stats["answer_accuracy"] = mean([float(answers[i * G + g] == labels[i]) for i in known for g in range(G)])
     expand = lambda x: x.repeat_interleave(G, dim=0)  # noqa: E731
     return Rollout(expand(gen.prompt_ids), expand(gen.prompt_mask), expand(gen.image_features).detach(),
                    completion, completion_mask, advantages, stats, gen.texts)
+
+
+def label_accuracy(answers: list[str | None], majorities: list[tuple[str | None, float]],
+                   labels: list[str | None], G: int) -> dict[str, Ratio]:
+    """How often the majority (per image) and the answers (per response) equal the known labels;
+    reported, never rewarded. Ratio(0, 0) when no image of this batch is labelled."""
+    known = [i for i, label in enumerate(labels) if label is not None]
+    pseudo_hits = sum(majorities[i][0] == labels[i] for i in known)
+    answer_hits = sum(answers[i * G + g] == labels[i] for i in known for g in range(G))
+    return {"pseudo_label_accuracy": Ratio(float(pseudo_hits), float(len(known))),
+            "answer_accuracy": Ratio(float(answer_hits), float(len(known) * G))}
 
 
 def completion_logprobs(model, roll: Rollout, rows: slice, device) -> tuple[Any, Any]:

@@ -19,6 +19,7 @@ from dxcli import config as cfgmod
 from dxcli.data.records import load_records
 from dxcli.model.build import image_token_count
 from dxcli.model.checkpoint import build_model, load_checkpoint
+from dxcli.model import checkpointing
 from dxcli.model.lora import apply_lora
 from dxcli.runtime import env
 from dxcli.runtime.dist import Dist, all_reduce_sum, init_distributed
@@ -97,7 +98,7 @@ def setup(job: SftJob) -> SftState:
         bundle.model = apply_lora(bundle.model, cfg.model.lora)
     bundle.model.freeze(**frozen_parts(job.stage, cfg))
     if cfg.train.grad_checkpointing:
-        bundle.model.gradient_checkpointing_enable()
+        checkpointing.enable(bundle.model)  # non-reentrant, as the DeepSpeed floor was established with
     bundle.model.config.use_cache = False
     # the data: every rank its own shard, in an order that can restart mid-epoch
     dataset = SftDataset(records, Path(job.images), bundle.tokenizer, bundle.processor.image_processor,
@@ -111,10 +112,12 @@ def setup(job: SftJob) -> SftState:
         total_steps = min(total_steps, cfg.train.max_steps)
     # the engine: DeepSpeed around the trainable parameters
     vision_lr = cfg.instruct.vision_lr if job.stage == "instruct" else None  # config: set only with an unfrozen tower
-    engine, scheduler = ds.initialize(bundle.model, ds.deepspeed_config(cfg, lr=lr, world=dist.world),
+    ds_config = ds.deepspeed_config(cfg, lr=lr, world=dist.world, zero_stage=cfgmod.zero_stage_for(cfg, job.stage))
+    engine, scheduler = ds.initialize(bundle.model, ds_config,
                                       total_steps, cfg.train.warmup_ratio, vision_lr=vision_lr)
     if dist.main:
-        n_train = sum(p.numel() for p in bundle.model.parameters() if p.requires_grad)
+        # under ZeRO-3 a parameter's numel() is its local (released) size: ds_numel is the whole
+        n_train = sum(getattr(p, "ds_numel", p.numel()) for p in bundle.model.parameters() if p.requires_grad)
         print(f"[{job.stage}] {len(dataset)} records, {dataset.truncated} truncated to "
               f"train.max_length={cfg.train.max_length}; {n_train:,} trainable parameters; "
               f"{total_steps} steps on {dist.world} process(es)", flush=True)
@@ -180,8 +183,8 @@ def resume(state: SftState, log: MetricsLog) -> None:
 def save(state: SftState) -> Path:
     """The final checkpoint (resumable) and the model folder (gathered under ZeRO-3)."""
     checkpoint(state)
-    return saved_state.finish(state.engine, state.bundle, Path(state.job.run_dir), state.cfg.hardware.zero_stage,
-                              state.dist, state.job.stage)
+    return saved_state.finish(state.engine, state.bundle, Path(state.job.run_dir),
+                              cfgmod.zero_stage_for(state.cfg, state.job.stage), state.dist, state.job.stage)
 
 
 def run(job: SftJob) -> Path:

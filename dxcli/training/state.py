@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from dxcli.base.errors import Interrupted
+from dxcli.base.errors import DxError, Interrupted
 from dxcli.config import to_dict
 from dxcli.model.checkpoint import save_checkpoint
 from dxcli.model.lora import is_lora, save_merged
@@ -27,6 +27,8 @@ def save_training_state(engine, folder: Path, step: int, state: dict[str, Any], 
     """DeepSpeed checkpoint (model, optimizer, scheduler) + loop position + this rank's RNG.
 
     Every rank must call it. Older checkpoints beyond `keep` are removed: they are superseded.
+    One process removes them, global rank 0, which is right because a run on several nodes has
+    one run folder that every node shares (dx checks that before starting the workers).
     """
     import torch
 
@@ -50,6 +52,9 @@ def load_training_state(engine, folder: Path, dist: Dist) -> dict[str, Any] | No
         return None
     # a LoRA checkpoint holds the trainable tensors only; the frozen rest is already loaded
     _, client = engine.load_checkpoint(str(folder), load_module_strict=not is_lora(engine.module))
+    if client is None:  # DeepSpeed found no `latest` (written by global rank 0) and loaded nothing
+        raise DxError(f"rank {dist.rank}: no resumable checkpoint in {folder} (DeepSpeed's 'latest' file is "
+                      "missing): with several nodes, --out must be one folder that every node shares")
     rng_file = Path(folder) / client["tag"] / f"rng-rank{dist.rank}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
@@ -105,13 +110,16 @@ def interruption(run_dir: Path, step: int, signal_name: str | None, dist: Dist) 
     return Interrupted(message)
 
 
-def pending_interruption(run_dir: Path) -> Interrupted | None:
-    """The Interrupted a launched run's workers left behind (and forget it), else None."""
+def pending_interruption(run_dir: Path, forget: bool = True) -> Interrupted | None:
+    """The Interrupted a launched run's workers left behind (and, with `forget`, delete the note:
+    node 0's business when several nodes share the run folder), else None."""
     note = Path(run_dir) / INTERRUPTED_FILE
-    if not note.is_file():
+    try:
+        message = json.loads(note.read_text())["message"]
+    except (OSError, ValueError, KeyError):  # none, or node 0 deleted it as we read
         return None
-    message = json.loads(note.read_text())["message"]
-    note.unlink()
+    if forget:
+        note.unlink(missing_ok=True)
     return Interrupted(message)
 
 

@@ -163,7 +163,7 @@ def sampled_rollouts(model: Path, data: Path, cfg, lexicon, seed_offset: int = 0
         roll = rollout(bundle, [load_rgb(data / q["image"]) for q in batch], [q["text"] for q in batch],
                        [q["label"] for q in batch], cfg=cfg, clip=None, lexicon=lexicon, seed=seed_offset + start)
         for key in EVAL_KEYS:
-            totals[key] += roll.stats[key] * len(batch)
+            totals[key] += float(roll.stats[key]) * len(batch)  # accuracies are Ratios
         texts += roll.texts
     return {key: value / len(questions) for key, value in totals.items()}, texts
 
