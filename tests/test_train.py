@@ -106,19 +106,26 @@ def test_instruct_lowers_lm_loss_and_head_separates_test_split(trained, demo_roo
     assert roc_auc_score(labels, probs) >= 0.75
 
 
-def test_stop_and_resume_continues_where_it_stopped(tmp_path, demo_root, trained, monkeypatch):
+@pytest.mark.parametrize("stage", ["instruct", "align"])
+def test_stop_and_resume_continues_where_it_stopped(tmp_path, demo_root, trained, monkeypatch, stage):
+    """instruct trains every part (cpu-tiny unfreezes the tower); align leaves the LLM frozen, and
+    its checkpoint leaves the LLM out: --resume takes it from the starting model again."""
     from dxcli.jobs.stages import run_sft_stage
 
     sets = ["hardware.num_workers=0", "train.max_steps=6", "train.log_every=1", "hardware.micro_batch=4"]
-    whole = run_sft_stage("instruct", out=tmp_path / "whole", data=demo_root, model=str(trained["align"]),
+    whole = run_sft_stage(stage, out=tmp_path / "whole", data=demo_root, model=str(trained["align"]),
                           resolved=config.resolve("cpu-tiny", sets), say=lambda *_: None)
     monkeypatch.setenv("DX_STOP_AFTER_STEP", "3")
     with pytest.raises(SystemExit):
-        run_sft_stage("instruct", out=tmp_path / "split", data=demo_root, model=str(trained["align"]),
+        run_sft_stage(stage, out=tmp_path / "split", data=demo_root, model=str(trained["align"]),
                       resolved=config.resolve("cpu-tiny", sets), say=lambda *_: None)
     assert [r["step"] for r in metrics(tmp_path / "split")] == [1, 2, 3]
+    if stage == "align":  # optimizer + projector and head only: less than the frozen LLM's fp32 weights
+        llm = sum(v.numel() for k, v in state(trained["align"]).items() if "language_model" in k or "lm_head" in k)
+        written = sum(f.stat().st_size for f in (tmp_path / "split" / "checkpoints").rglob("*") if f.is_file())
+        assert written < 4 * llm, (written, llm)
     monkeypatch.delenv("DX_STOP_AFTER_STEP")
-    run_sft_stage("instruct", out=tmp_path / "split", model=str(trained["align"]), resume=True,
+    run_sft_stage(stage, out=tmp_path / "split", model=str(trained["align"]), resume=True,
                   resolved=config.resolve("cpu-tiny", []), say=lambda *_: None)
     resumed, full = metrics(tmp_path / "split"), metrics(tmp_path / "whole")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
@@ -126,6 +133,8 @@ def test_stop_and_resume_continues_where_it_stopped(tmp_path, demo_root, trained
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
         assert a["lr"] == pytest.approx(b["lr"])
     assert (whole / "config.json").is_file() and (tmp_path / "split" / "model" / "config.json").is_file()
+    resumed_model, whole_model = state(tmp_path / "split" / "model"), state(whole)
+    assert all(torch.allclose(resumed_model[k], whole_model[k], atol=1e-6) for k in whole_model)
 
 
 @pytest.fixture(scope="module")

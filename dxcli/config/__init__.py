@@ -141,6 +141,7 @@ _CHOICES = {
     "final_credit": ("paragraph", "verdict"),
     "report_to": ("tensorboard", "wandb"),  # a list: each item is checked
     "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "kernels": ("none", "liger"),  # hardware.kernels (dxcli.model.kernels.KERNELS)
 }
 
 

@@ -87,6 +87,13 @@ class HardwareConfig:
     # call (tests/gpu/bench_decode.py). Off until validated in a full multi-step GPU run; on the
     # CPU the static cache runs uncompiled (a warning says so). `dx detect` stays dynamic.
     compiled_decode: bool = False
+    # fused GPU kernels (dxcli/model/kernels.py): "none" = plain PyTorch; "liger" = Liger-Kernel's
+    # RMSNorm, SwiGLU and RoPE in the LLM, and the SFT loss and the RL log-probs computed from the
+    # hidden states by its fused linear cross-entropy, so the B x T x vocab logits are never built
+    # (the logged entropy then comes in vocabulary chunks). Needs a CUDA GPU and
+    # `pip install liger-kernel`; refused before anything loads otherwise. Off until GPU numbers
+    # (tests/gpu/check_kernels.py: equality, log-prob memory) say it should be on
+    kernels: str = "none"
     # sustained write speed of the run folder's disk in GB/s (1e9 bytes), all ranks of a checkpoint
     # together: only the planner reads it, to print each stage's checkpoint write time and the share
     # of training time the train.save_every_minutes cadence spends writing. 1 GB/s is a conservative

@@ -156,8 +156,7 @@ def plan_memory(config: DxConfig, stage: str, *, lora_r: int | None = None,
     if stage == "prpo":
         rows += _rollout_rows(s, config, shapes)
     rows += _update_rows(s, config, shapes)
-    checkpoint = plan_checkpoint(config, zero=s.zero, nbytes=s.nbytes, lora=bool(s.lora_r), trainable=sum(
-        trainable.values()), total=shapes.total + s.lora_r * shapes.lora_per_rank)
+    checkpoint = plan_checkpoint(config, zero=s.zero, nbytes=s.nbytes, trainable=sum(trainable.values()))
     return MemoryPlan(stage, rows, config.hardware.gpu_memory_gb, s.world, shapes, checkpoint=checkpoint)
 
 

@@ -54,32 +54,22 @@ class CheckpointPlan:
                 f"= {(self.keep + 1) * gb:.0f} GB (train.keep_checkpoints={self.keep})")
 
 
-def checkpoint_parts(zero: int, nbytes: int, total: int, trainable: int, lora: bool,
-                     device_copies: bool = True) -> list[tuple[str, float]]:
-    """Bytes of one DeepSpeed checkpoint as training.state saves it (engine._save_checkpoint).
-
-    Optimizer files: 12 B per trainable parameter. The module's state dict: every weight in the
-    training dtype below ZeRO-3 (rank 0), nothing under ZeRO-3 (its parameters are partitioned
-    away). ZeRO-2/3 also save the parameters the optimizer does not own (`frozen_param_fragments`):
-    under ZeRO-3 each rank's partition, the only copy; under ZeRO-2 `.cpu()` copies of whole
-    tensors, which on a GPU are written a second time beside the state dict (on a CPU they share
-    its storage and torch.save writes them once: `device_copies` False). LoRA runs pass
-    exclude_frozen_parameters: only the adapters (and projector/head when they learn) are saved.
-    """
-    frozen = 0 if lora else total - trainable
+def checkpoint_parts(zero: int, nbytes: int, trainable: int) -> list[tuple[str, float]]:
+    """Bytes of one DeepSpeed checkpoint as training.state saves it (engine._save_checkpoint with
+    exclude_frozen_parameters whenever some weights are frozen): the optimizer files, 12 B per
+    trainable parameter, and below ZeRO-3 the module's state dict of the trainable weights in the
+    training dtype (under ZeRO-3 parameters are partitioned away from it). Frozen weights are the
+    starting checkpoint's and are not written."""
     parts = [(f"optimizer ({OPTIMIZER_CHECKPOINT_BYTES} B x {trainable / 1e6:,.1f}M trainable)",
               float(OPTIMIZER_CHECKPOINT_BYTES * trainable))]
     if zero < 3:
-        parts.append(("weights", float(nbytes * (trainable if lora else total))))
-    if frozen and (zero == 3 or (zero == 2 and device_copies)):
-        parts.append(("frozen weights" + (" again" if zero == 2 else ""), float(nbytes * frozen)))
+        parts.append(("weights", float(nbytes * trainable)))
     return parts
 
 
-def plan_checkpoint(config: DxConfig, *, zero: int, nbytes: int, total: int, trainable: int,
-                    lora: bool) -> CheckpointPlan:
-    """The checkpoint of a stage that trains `trainable` of `total` parameters under ZeRO `zero`."""
+def plan_checkpoint(config: DxConfig, *, zero: int, nbytes: int, trainable: int) -> CheckpointPlan:
+    """The checkpoint of a stage that trains `trainable` parameters under ZeRO `zero`."""
     train = config.train
-    return CheckpointPlan(tuple(checkpoint_parts(zero, nbytes, total, trainable, lora)),
+    return CheckpointPlan(tuple(checkpoint_parts(zero, nbytes, trainable)),
                           config.hardware.checkpoint_write_gbps, train.save_every_minutes, train.save_every,
                           train.keep_checkpoints)

@@ -19,6 +19,7 @@ from dxcli.jobs.launch import LaunchSpec, join_run, launch, spec_for
 from dxcli.jobs.memory import check_plan_fits
 from dxcli.model.checkpoint import check_attention, resolve_model_path
 from dxcli.model.checkpointing import check_deepspeed
+from dxcli.model.kernels import check_kernels
 from dxcli.rl.clip import check_clip_spec
 from dxcli.training.prpo import PrpoJob
 from dxcli.training.sft import SftJob
@@ -26,7 +27,7 @@ from dxcli.training.sft import SftJob
 
 def preflight(stage: str) -> Callable[[cfgmod.DxConfig], None]:
     """Checks before anything is loaded or launched, each a one-line error: the attention kernel
-    is available, and the memory plan fits hardware.gpu_memory_gb (refused with a `--set` that fits;
+    is available (and hardware.kernels' fused kernels), and the memory plan fits hardware.gpu_memory_gb (refused with a `--set` that fits;
     no-op when the capacity is 0, as on cpu-tiny, or with hardware.skip_memory_check=true), and
     PRPO's CLIP is on disk (fetched here once with model.download=true). Minutes of loading a 7B
     model would otherwise end in an ImportError, an OOM or a missing file. Settings that run but
@@ -35,6 +36,7 @@ def preflight(stage: str) -> Callable[[cfgmod.DxConfig], None]:
         import sys
 
         check_attention(config.model.attn_implementation)
+        check_kernels(config.hardware.kernels)  # liger: a CUDA GPU and the liger-kernel package
         check_plan_fits(config, stage)
         check_deepspeed(cfgmod.zero_stage_for(config, stage), config.train.grad_checkpointing)
         if stage == "prpo" and config.prpo.algo == "prpo" and config.prpo.clip:  # grpo loads no CLIP

@@ -31,6 +31,7 @@ from dxcli.base.jsonio import dumps_line
 from dxcli.data.records import load_records
 from dxcli.model.checkpoint import load_checkpoint
 from dxcli.model import checkpointing
+from dxcli.model.kernels import apply_kernels
 from dxcli.model.lora import apply_lora
 from dxcli.rl.clip import load_clip
 from dxcli.rl.guard import ProbeMix
@@ -94,6 +95,7 @@ def setup(job: PrpoJob) -> PrpoState:
     # the policy: only the LLM learns
     attn = cfg.model.attn_implementation
     bundle = load_checkpoint(job.model, attn_implementation=attn)
+    apply_kernels(bundle.model, hw.kernels)  # before LoRA and DeepSpeed wrap the modules it patches
     lora = cfg.model.lora.rank_for("prpo") > 0
     if lora:
         bundle.model = apply_lora(bundle.model, cfg.model.lora)
@@ -106,6 +108,7 @@ def setup(job: PrpoJob) -> PrpoState:
     if p.beta > 0 and not lora:  # with LoRA the reference is the policy, adapters off: no copy
         reference = load_checkpoint(job.model, dtype=env.torch_dtype(hw.precision),
                                     attn_implementation=attn).model.to(dist.device).eval()
+        apply_kernels(reference, hw.kernels)  # the KL compares like with like: both fused or both plain
         reference.requires_grad_(False)
     clip = load_clip(p.clip, dist.device) if (p.algo == "prpo" and p.clip) else None
     # the prompts: every rank its own shard of images
@@ -216,11 +219,12 @@ def reference_logprobs(state: PrpoState, roll: Rollout, rows: slice) -> Any:
     never train, so it is the start exactly."""
     if state.cfg.prpo.beta <= 0:
         return None
+    kernels = state.cfg.hardware.kernels
     with torch.no_grad():
         if state.reference is not None:
-            return completion_logprobs(state.reference, roll, rows, state.engine.device)[0]
+            return completion_logprobs(state.reference, roll, rows, state.engine.device, kernels)[0]
         with state.engine.module.disable_adapter():
-            return completion_logprobs(state.engine, roll, rows, state.engine.device)[0]
+            return completion_logprobs(state.engine, roll, rows, state.engine.device, kernels)[0]
 
 
 def update(state: PrpoState, roll: Rollout) -> dict[str, float]:
@@ -248,7 +252,7 @@ def fixed_logprobs(state: PrpoState, roll: Rollout) -> list[tuple[Any, Any]]:
     engine, several = state.engine, state.cfg.prpo.updates_per_rollout > 1
     fixed = []
     for rows in chunk_rows(state, roll):
-        old = completion_logprobs(engine, roll, rows, engine.device)[0] if several else None
+        old = completion_logprobs(engine, roll, rows, engine.device, state.cfg.hardware.kernels)[0] if several else None
         fixed.append((old, reference_logprobs(state, roll, rows)))
     return fixed
 
@@ -260,7 +264,7 @@ def policy_step(state: PrpoState, roll: Rollout, fixed: list[tuple[Any, Any]]) -
     total_tokens = roll.completion_mask.sum().clamp(min=1)
     sums = dict.fromkeys(UPDATE_KEYS, 0.0)
     for rows, (old_logp, ref_logp) in zip(chunk_rows(state, roll), fixed):
-        logp, entropy = completion_logprobs(engine, roll, rows, engine.device)
+        logp, entropy = completion_logprobs(engine, roll, rows, engine.device, state.cfg.hardware.kernels)
         mask = roll.completion_mask[rows].to(engine.device).float()
         old_logp = logp.detach() if old_logp is None else old_logp
         loss, info = policy_loss(logp, old_logp, roll.advantages[rows].to(engine.device), mask,

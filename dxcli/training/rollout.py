@@ -11,6 +11,7 @@ import torch
 from dxcli.base.answer import parse_answer
 from dxcli.config import PrpoConfig
 from dxcli.model.generate import generate, position_ids_from_mask
+from dxcli.model.kernels import fused_completion_logprobs
 from dxcli.rl.advantages import grpo_token_advantages, mean, prpo_token_advantages, reward_stat_keys
 from dxcli.rl.objective import majority_answer
 from dxcli.runtime.dist import Ratio
@@ -92,13 +93,16 @@ def label_accuracy(answers: list[str | None], majorities: list[tuple[str | None,
             "answer_accuracy": Ratio(float(answer_hits), float(len(known) * G))}
 
 
-def completion_logprobs(model, roll: Rollout, rows: slice, device) -> tuple[Any, Any]:
+def completion_logprobs(model, roll: Rollout, rows: slice, device, kernels: str = "none") -> tuple[Any, Any]:
     """Per-token log-probs of the completions (with the image) and the token entropy, for `rows`.
 
     `model` is a DeepSpeed engine or a plain model. The embeddings are built by `prompt_embeds`
     outside the engine's forward: under ZeRO-3 the embedding layer's own partition hooks gather
     its weight for that call and its backward, so the gradient reaches the embeddings as in a
     plain forward (tests/test_prpo_zero3.py checks ZeRO-3 against ZeRO-2).
+    `kernels` (hardware.kernels) other than "none": the model's fused head (dxcli.model.kernels)
+    scores the tokens from the hidden states and the entropy comes in vocabulary chunks; the
+    model must have been through `apply_kernels`.
     """
     prompt_ids, prompt_mask = roll.prompt_ids[rows].to(device), roll.prompt_mask[rows].to(device)
     comp_ids, comp_mask = roll.completion_ids[rows].to(device), roll.completion_mask[rows].to(device)
@@ -106,6 +110,8 @@ def completion_logprobs(model, roll: Rollout, rows: slice, device) -> tuple[Any,
     embeds = model.prompt_embeds(torch.cat([prompt_ids, comp_ids], 1), mask,
                                  image_features=roll.image_features[rows].to(device))
     width = comp_ids.shape[1]
+    if kernels != "none":  # the same sequence and positions, scored without B x T x V logits
+        return fused_completion_logprobs(model, embeds, mask, position_ids_from_mask(mask), comp_ids)
     # only the positions that predict completion tokens (position t predicts token t+1); positions
     # skip the left padding exactly as in `generate`, so both passes score the same sequence
     logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids_from_mask(mask),

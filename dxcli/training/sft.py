@@ -20,6 +20,7 @@ from dxcli.data.records import load_records
 from dxcli.model.build import image_token_count
 from dxcli.model.checkpoint import build_model, load_checkpoint
 from dxcli.model import checkpointing
+from dxcli.model.kernels import apply_kernels, lm_forward
 from dxcli.model.lora import apply_lora
 from dxcli.runtime import env
 from dxcli.runtime.dist import Dist, all_reduce_sum, init_distributed
@@ -94,6 +95,7 @@ def setup(job: SftJob) -> SftState:
         bundle = load_checkpoint(job.model, attn_implementation=attn)
     else:  # composed in the run's precision: a 7B never passes through float32
         bundle = build_model(cfg.model, [r.answer for r in records], dtype=env.torch_dtype(hw.precision))
+    apply_kernels(bundle.model, hw.kernels)  # before LoRA and DeepSpeed wrap the modules it patches
     if cfg.model.lora.rank_for(job.stage):  # never align: it trains no LLM weight
         bundle.model = apply_lora(bundle.model, cfg.model.lora)
     bundle.model.freeze(**frozen_parts(job.stage, cfg))
@@ -135,18 +137,20 @@ def train_step(state: SftState, batch: dict[str, torch.Tensor]) -> bool:
     engine = state.engine
     dtype = next(engine.module.parameters()).dtype
     # forward: L_lm from the model, L_bin from the head over the same image features
-    out = engine(input_ids=batch["input_ids"].to(engine.device),
-                 attention_mask=batch["attention_mask"].to(engine.device),
-                 pixel_values=batch["pixel_values"].to(engine.device, dtype),
-                 labels=batch["labels"].to(engine.device), binary_labels=batch["binary_labels"].to(engine.device))
+    # (hardware.kernels=liger: L_lm from the hidden states by the fused head, no logits built)
+    lm_loss, out = lm_forward(engine, batch["labels"].to(engine.device), state.cfg.hardware.kernels,
+                              input_ids=batch["input_ids"].to(engine.device),
+                              attention_mask=batch["attention_mask"].to(engine.device),
+                              pixel_values=batch["pixel_values"].to(engine.device, dtype),
+                              binary_labels=batch["binary_labels"].to(engine.device))
     bin_loss = out.bin_loss
-    loss = out.loss + state.alpha * bin_loss
+    loss = lm_loss + state.alpha * bin_loss
     # backward and step: DeepSpeed accumulates until its boundary, then steps
     engine.backward(loss)
     boundary = engine.is_gradient_accumulation_boundary()
     engine.step()
     state.micro_in_epoch += 1
-    for key, value in (("loss", loss), ("lm_loss", out.loss), ("bin_loss", bin_loss)):
+    for key, value in (("loss", loss), ("lm_loss", lm_loss), ("bin_loss", bin_loss)):
         state.window[key] += value.item()
     state.window["tokens"] += batch["attention_mask"].sum().item()
     state.window["micro"] += 1
