@@ -111,3 +111,36 @@ def test_an_unstable_run_is_stopped_and_keeps_a_model_that_calls_both_classes(tr
                      max_new_tokens=96).texts
     answers = [parse_answer(t) for t in texts]
     assert {"real", "fake"} <= set(answers), answers
+
+
+def test_two_processes_under_zero3_stop_together_and_restore_the_partitions(trained, demo_root, tmp_path):
+    """2 processes, ZeRO-3, full fine-tuning: at lr 0.05 the first probe after step 1 sees the
+    collapse on both ranks (counts summed over ranks), each rank restores its own partition of the
+    start, and the gathered RUN/model is the starting model's LLM, bit for bit."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "z3"
+    sets = ["hardware.num_workers=0", "hardware.zero_stage=3", "train.max_steps=6", "prpo.epochs=1",
+            "prpo.algo=grpo", "prpo.labels=gt", "prpo.lr=0.05", "prpo.temperature=1.5", "prpo.group_size=4",
+            "prpo.images_per_step=1", "prpo.max_new_tokens=96", "prpo.guard_every=1", "prpo.guard_probe_size=6"]
+    command = [sys.executable, "-m", "dxcli", "train", "prpo", "--model", str(trained["instruct"]), "--data",
+               str(demo_root), "--split", "test", "--out", str(out), "--nproc-per-node", "2"]
+    for item in sets:
+        command += ["--set", item]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    tripped = json.loads((out / "summary.json").read_text())["stopped_by_guard"]
+    assert tripped is not None and tripped["restored_step"] == 0, tripped
+    assert tripped["probe"]["real"] + tripped["probe"]["fake"] + tripped["probe"]["invalid"] == 6  # both ranks
+    assert "collapse guard" in " ".join(result.stderr.split())
+    start, kept = (load_file(folder / "model.safetensors") for folder in (trained["instruct"], out / "model"))
+    drifted = load_file(out / "drifted" / "model" / "model.safetensors")
+    llm = [k for k in start if "language_model" in k]
+    assert llm and all(torch.equal(kept[k], start[k]) for k in llm)
+    assert any(not torch.equal(drifted[k], start[k]) for k in llm)
