@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loo_sft import DOMAINS_HARD, Runner, _fmt, fake_variants, loo_sft, recall_by_variant  # noqa: E402
 
 METHODS = ("sft", "grpo-maj", "prpo-maj", "prpo-gt")
-METRICS = ("f1", "accuracy", "invalid_rate", "head_auc", "final_pcr", "recall_shared", "recall_private")
+METRICS = ("f1", "maj_f1", "accuracy", "invalid_rate", "head_auc", "final_pcr", "evidence_disagree",
+           "evidence_right", "recall_shared", "recall_private")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="prpo.final_credit (verdict: see the PRPO learning bench in tests/bench/README.md)")
     parser.add_argument("--tag", default="",
                         help="suffix of the RL run folders and answer files (another RL setting beside the first)")
+    parser.add_argument("--samples", type=int, default=4,
+                        help="G of maj@G: sampled answers per test image, at the RL rollouts' temperature and top_p")
     parser.add_argument("--profile", default="cpu-tiny")
     parser.add_argument("--set", dest="sets", action="append", default=[],
                         help="extra --set for SFT, RL and eval (hardware.threads=1 is always set); "
@@ -95,10 +98,10 @@ def rl_command(method: str, data: Path, domain: str, domains_all: list[str]) -> 
     return ["--algo", algo, "--labels", labels, *where]
 
 
-def evaluate(answers: Path, variants: dict[str, str]) -> dict:
+def evaluate(answers: Path, variants: dict[str, str], samples: list[Path]) -> dict:
     """Greedy answers on one domain: F1, accuracy, invalid rate, head AUC, final-paragraph PCR,
-    and the recall of the fakes of each generator variant (shared with the training domains or
-    private to the held-out one)."""
+    the recall of the fakes of each generator variant (shared with the training domains or private
+    to the held-out one); maj@G F1 from the `samples` answer files; and the evidence check."""
     from dxcli.evaluation.score import load_answers, score_rows
     from dxcli.rl.rewards import score_response
 
@@ -106,9 +109,41 @@ def evaluate(answers: Path, variants: dict[str, str]) -> dict:
     overall = score_rows(rows)["overall"]
     scores = [score_response(row.get("text") or "", keywords=False) for row in rows]
     final_pcr = [s.pcr[s.final_index] for s in scores]
-    return {"f1": overall.get("f1"), "accuracy": overall.get("accuracy"),
+    return {"f1": overall.get("f1"), "maj_f1": majority_f1(rows, samples), "accuracy": overall.get("accuracy"),
             "invalid_rate": overall.get("invalid_rate"), "head_auc": overall.get("head_auc"),
-            "final_pcr": sum(final_pcr) / len(final_pcr), **recall_by_variant(rows, variants), "n": len(rows)}
+            "final_pcr": sum(final_pcr) / len(final_pcr), **evidence_check(rows, scores),
+            **recall_by_variant(rows, variants), "n": len(rows)}
+
+
+def majority_f1(rows: list[dict], samples: list[Path]) -> float | None:
+    """F1 of the majority verdict of G sampled answers per question (maj@G), with the pseudo-label
+    rule RL uses (more than half of all G samples, invalid ones counting against it; else no
+    verdict, which scores as wrong): what sampling knows that greedy decoding may not say."""
+    from dxcli.evaluation.score import load_answers, score_rows
+    from dxcli.rl.objective import majority_answer
+
+    if not samples:
+        return None
+    sampled = [{row["question_id"]: row.get("predict") for row in load_answers(path)} for path in samples]
+    voted = [{**row, "predict": majority_answer([s.get(row["question_id"]) for s in sampled], 0.5)[0]}
+             for row in rows]
+    return score_rows(voted)["overall"].get("f1")
+
+
+def evidence_check(rows: list[dict], scores: list) -> dict:
+    """Greedy responses whose earlier paragraphs' evidence (PCR's paragraph labels) names the other
+    verdict: their share, and among them the share where the evidence, not the verdict, is right."""
+    from dxcli.rl.rewards import majority_label
+
+    disagree = right = 0
+    for row, score in zip(rows, scores):
+        evidence = majority_label(score.labels[:score.final_index])
+        if score.answer is None or evidence is None or evidence == score.answer:
+            continue
+        disagree += 1
+        right += int(evidence == row.get("label"))
+    return {"evidence_disagree": disagree / max(len(rows), 1),
+            "evidence_right": right / disagree if disagree else None}
 
 
 def rl_log(run_dir: Path) -> dict:
@@ -158,9 +193,33 @@ def one_domain(run: Runner, data: Path, seed: int, work: Path, domain: str, doma
             run.dx("eval", "infer", "--model", str(model), "--questions", str(questions), "--images", str(data),
                    "--out", str(partial), *common)
             partial.rename(answers)
-        rows.append({"method": method, "held_out": domain, **evaluate(answers, variants), "sft_collapsed": sft["collapsed"],
+        samples = sampled_answers(run, model, questions, data, work / f"answers-{domain}-{method}"
+                                  f"{'' if method == 'sft' else args.tag}", common, args)
+        rows.append({"method": method, "held_out": domain, **evaluate(answers, variants, samples),
+                     "sft_collapsed": sft["collapsed"],
                      "seconds": seconds.get(method), "rollouts": logs.get(method, {})})
     return rows
+
+
+def sampled_answers(run: Runner, model: Path, questions: Path, data: Path, stem: Path, common: list[str],
+                    args: argparse.Namespace) -> list[Path]:
+    """`args.samples` answer files of `model`, each one sample per question at the RL rollouts'
+    temperature and top_p (the profile's prpo section with the run's --set), seeds 0..G-1."""
+    from dxcli import config
+
+    prpo = config.resolve(args.profile, args.sets).config.prpo
+    paths = []
+    for k in range(args.samples):
+        path = stem.with_name(f"{stem.name}-sample{k}.jsonl")
+        if not path.is_file():
+            partial = path.with_suffix(".partial.jsonl")
+            partial.unlink(missing_ok=True)
+            run.dx("eval", "infer", "--model", str(model), "--questions", str(questions), "--images", str(data),
+                   "--out", str(partial), "--temperature", str(prpo.temperature), "--set", f"eval.top_p={prpo.top_p}",
+                   "--set", f"eval.seed={k}", *common)
+            partial.rename(path)
+        paths.append(path)
+    return paths
 
 
 def vcr_setting(args: argparse.Namespace) -> str:
@@ -225,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             row["seed"] = seed
             print(f"seed {seed} held-out {domain:10s} {row['method']:9s} F1 {_fmt(row['f1'])}  "
+                  f"maj@G F1 {_fmt(row['maj_f1'])}  "
                   f"acc {_fmt(row['accuracy'])}  invalid {_fmt(row['invalid_rate'])}  "
                   f"final PCR {_fmt(row['final_pcr'])}", flush=True)
         print(f"seed {seed} held-out {domain}: {time.time() - t:.0f} s this run", flush=True)
