@@ -90,7 +90,8 @@ def test_an_unstable_run_is_stopped_and_keeps_a_model_that_calls_both_classes(tr
 
     sets = ["hardware.num_workers=0", "train.max_steps=10", "prpo.epochs=1", "train.log_every=1", "prpo.algo=grpo",
             "prpo.labels=gt", "prpo.lr=1e-3", "prpo.temperature=1.5", "prpo.group_size=4",
-            "prpo.images_per_step=2", "prpo.max_new_tokens=96", "prpo.guard_every=1", "prpo.guard_probe_size=12"]
+            "prpo.images_per_step=2", "prpo.max_new_tokens=96", "prpo.guard_every=1", "prpo.guard_probe_size=12",
+            "prpo.top_p=0.9", "prpo.beta=0"]  # the setting measured below, whatever cpu-tiny's defaults
     said: list[str] = []
     out = tmp_path / "ttrl"
     model = run_prpo_stage(out=out, resolved=config.resolve("cpu-tiny", sets), model=str(trained["instruct"]),
@@ -127,7 +128,8 @@ def test_two_processes_under_zero3_stop_together_and_restore_the_partitions(trai
     out = tmp_path / "z3"
     sets = ["hardware.num_workers=0", "hardware.zero_stage=3", "train.max_steps=6", "prpo.epochs=1",
             "prpo.algo=grpo", "prpo.labels=gt", "prpo.lr=0.05", "prpo.temperature=1.5", "prpo.group_size=4",
-            "prpo.images_per_step=1", "prpo.max_new_tokens=96", "prpo.guard_every=1", "prpo.guard_probe_size=6"]
+            "prpo.images_per_step=1", "prpo.max_new_tokens=96", "prpo.guard_every=1", "prpo.guard_probe_size=6",
+            "prpo.top_p=0.9", "prpo.beta=0"]
     command = [sys.executable, "-m", "dxcli", "train", "prpo", "--model", str(trained["instruct"]), "--data",
                str(demo_root), "--split", "test", "--out", str(out), "--nproc-per-node", "2"]
     for item in sets:

@@ -109,7 +109,7 @@ def test_several_updates_per_rollout_move_the_ratio_until_it_clips(toy, tmp_path
     for updates in (1, 3):
         state = open_state(tmp_path / f"u{updates}", toy["model"], toy["data"],
                            ["prpo.algo=grpo", "train.max_steps=1", "prpo.lr=1e-2", "prpo.images_per_step=1",
-                            f"prpo.group_size={len(texts)}", f"prpo.updates_per_rollout={updates}"])
+                            "prpo.beta=0", f"prpo.group_size={len(texts)}", f"prpo.updates_per_rollout={updates}"])
         roll = hand_rollout(state, toy_image("real"), texts, advantages_for("grpo", state, texts))
         state.engine.train()
         (old, ref), = prpo.fixed_logprobs(state, roll)

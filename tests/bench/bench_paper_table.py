@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2", help="demo data seeds, comma-separated")
     parser.add_argument("--methods", default=",".join(METHODS[1:]), help="RL rows, comma-separated")
     parser.add_argument("--steps", type=int, default=30, help="train.max_steps of each RL run")
-    parser.add_argument("--lr", type=float, default=1e-4, help="prpo.lr (cpu-tiny's)")
+    parser.add_argument("--lr", type=float, default=1e-5,
+                        help="prpo.lr (the test-time RL protocol's choice on validation seed 0: tests/bench/README.md)")
     parser.add_argument("--group-size", type=int, default=4, help="prpo.group_size (G)")
     parser.add_argument("--images-per-step", type=int, default=2, help="prpo.images_per_step")
     parser.add_argument("--max-new-tokens", type=int, default=128,
@@ -210,7 +211,8 @@ def sampled_answers(run: Runner, model: Path, questions: Path, data: Path, stem:
     prpo = config.resolve(args.profile, args.sets).config.prpo
     paths = []
     for k in range(args.samples):
-        path = stem.with_name(f"{stem.name}-sample{k}.jsonl")
+        # the sampling settings in the name: files of another T or top_p are never reused
+        path = stem.with_name(f"{stem.name}-t{prpo.temperature:g}-p{prpo.top_p:g}-sample{k}.jsonl")
         if not path.is_file():
             partial = path.with_suffix(".partial.jsonl")
             partial.unlink(missing_ok=True)
