@@ -22,7 +22,7 @@ from dxcli.data.questions import generate_questions
 from dxcli.evaluation.detect import detect, open_detector
 from dxcli.evaluation.score import score_file
 from dxcli.jobs.prepare import has_progress
-from dxcli.jobs.stages import prpo_guard_warning, prpo_signal_warning, run_infer, run_prpo_stage, run_sft_stage
+from dxcli.jobs.stages import prpo_warnings, run_infer, run_prpo_stage, run_sft_stage
 
 F1_BAR, AUC_BAR = 0.75, 0.85  # the demo checks the pipeline: a working one clears these easily
 # The demo's PRPO stage samples with more variety than cpu-tiny's (the paper's T 1.0): the demo's
@@ -110,5 +110,4 @@ def run_demo(out: Path, *, profile: str = "cpu-tiny", sets: list[str] | None = N
     detection = next(detect(bundle, [test_image], max_new_tokens=resolved.config.eval.max_new_tokens)).to_json()
     (out / "detect.json").write_text(json.dumps(detection, indent=2))
     # also when this rerun skipped the PRPO step
-    warnings = [w for w in (prpo_signal_warning(out / "prpo"), prpo_guard_warning(out / "prpo")) if w]
-    return DemoResult(out, score, score_prpo, detection, seconds, warnings)
+    return DemoResult(out, score, score_prpo, detection, seconds, prpo_warnings(out / "prpo"))

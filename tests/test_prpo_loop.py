@@ -163,13 +163,15 @@ def test_a_run_without_learning_signal_says_so(toy, tmp_path):
 
 
 def test_the_signal_warning_reads_the_run_summary(tmp_path):
-    from dxcli.jobs.stages import prpo_signal_warning
+    from dxcli.jobs.stages import prpo_warnings
 
     def warning(**summary) -> str | None:
         (tmp_path / "summary.json").write_text(json.dumps({"algo": "grpo", "max_new_tokens": 96, **summary}))
-        return prpo_signal_warning(tmp_path)
+        found = prpo_warnings(tmp_path)
+        assert len(found) <= 1  # no guard stop in these summaries: the signal warning or nothing
+        return found[0] if found else None
 
-    assert prpo_signal_warning(tmp_path / "missing") is None
+    assert prpo_warnings(tmp_path / "missing") == []
     assert warning(steps=5, steps_with_signal=1, steps_all_invalid=0) is None
     assert "never differed within a group" in warning(steps=5, steps_with_signal=0, steps_all_invalid=3)
     assert "prpo.max_new_tokens=96" in warning(steps=5, steps_with_signal=0, steps_all_invalid=5)

@@ -77,7 +77,7 @@ def launch(task: str, job: Any, spec: LaunchSpec) -> None:
     spec = replace(spec, master_port=rendezvous_port(spec))  # the launcher and the marker name one port
     other_nodes_wait = spec.nnodes > 1 and not spec.hostfile
     if other_nodes_wait:
-        mark_ready(run_dir, task=task, job_file=job_file, spec=spec, port=spec.master_port)
+        mark_ready(run_dir, task=task, job_file=job_file, spec=spec)
     try:
         _run_workers(task, spec, job_file, forget_interruption=True)
     finally:

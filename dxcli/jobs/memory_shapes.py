@@ -14,7 +14,7 @@ from typing import Any
 from dxcli.base.errors import DxError, UsageError
 from dxcli.config import ModelConfig
 from dxcli.model.build import TINY_VISION_ARCH, timm_on_meta
-from dxcli.rl.clip import parse_open_clip
+from dxcli.rl.clip import parse_open_clip, registered_arch
 
 # VCR's CLIP (prpo.clip), parameters per open_clip architecture, counted from open_clip's model
 # config (open_clip.get_model_config); tests/test_open_clip.py checks each against a meta build.
@@ -206,11 +206,8 @@ def _open_clip_count(arch: str) -> int:
     import open_clip
     import torch
 
-    if arch.endswith(".json"):  # a model config of one's own, registered under its file name
-        open_clip.add_model_config(Path(arch).expanduser())
-        arch = Path(arch).stem
     with torch.device("meta"):
-        return _unique_numel(open_clip.create_model(arch, pretrained=None, device="meta"))
+        return _unique_numel(open_clip.create_model(registered_arch(open_clip, arch), pretrained=None, device="meta"))
 
 
 @functools.lru_cache(maxsize=8)

@@ -94,10 +94,11 @@ def forget_ready(run_dir: Path) -> None:
     (Path(run_dir) / READY_MARKER).unlink(missing_ok=True)
 
 
-def mark_ready(run_dir: Path, *, task: str, job_file: Path, spec: LaunchSpec, port: int) -> None:
-    """Node 0, after preparing and writing the job file, just before starting its launcher."""
+def mark_ready(run_dir: Path, *, task: str, job_file: Path, spec: LaunchSpec) -> None:
+    """Node 0, after preparing and writing the job file, just before starting its launcher on
+    `spec.master_port` (already resolved: `rendezvous_port`)."""
     marker = {"launch_id": uuid.uuid4().hex, "task": task, "job_file": Path(job_file).name,
-              "master_addr": spec.master_addr, "master_port": port, "nnodes": spec.nnodes,
+              "master_addr": spec.master_addr, "master_port": spec.master_port, "nnodes": spec.nnodes,
               "host": socket.gethostname(), "written_at": time.time()}
     path = Path(run_dir) / READY_MARKER
     scratch = path.with_name(f"{path.name}.{os.getpid()}.tmp")

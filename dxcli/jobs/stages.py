@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -33,8 +34,6 @@ def preflight(stage: str) -> Callable[[cfgmod.DxConfig], None]:
     model would otherwise end in an ImportError, an OOM or a missing file. Settings that run but
     are probably not meant (config.stage_warnings) are printed as plain lines."""
     def check(config: cfgmod.DxConfig) -> None:
-        import sys
-
         check_attention(config.model.attn_implementation)
         check_kernels(config.hardware.kernels)  # liger: a CUDA GPU and the liger-kernel package
         check_plan_fits(config, stage)
@@ -109,32 +108,35 @@ def run_prpo_stage(*, out: Path, resolved: cfgmod.Resolved, model: str | None, d
     job = PrpoJob(run_dir=str(out), config=str(out / "config.yaml"), records=str(records_file),
                   images=str(images_root), model=start, resume=resume)
     launch("prpo", job, spec_for(config, spec))
-    for warning in (prpo_signal_warning(out), prpo_guard_warning(out)):
-        if warning:
-            say(f"warning: {warning}")
+    for warning in prpo_warnings(out):
+        say(f"warning: {warning}")
     return out / "model"
 
 
-def prpo_guard_warning(run_dir: Path) -> str | None:
-    """One plain line when the collapse guard stopped the run (RUN/summary.json `stopped_by_guard`):
-    what drifted, and which weights RUN/model holds instead."""
+def prpo_warnings(run_dir: Path) -> list[str]:
+    """The plain lines a finished PRPO/GRPO run ends with, from the loop's RUN/summary.json (read
+    once): no learning signal in any step, and the collapse guard's stop. None without a summary."""
     path = Path(run_dir) / "summary.json"
-    tripped = json.loads(path.read_text(encoding="utf-8")).get("stopped_by_guard") if path.is_file() else None
+    if not path.is_file():
+        return []
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    return [w for w in (_signal_warning(summary), _guard_warning(summary, Path(run_dir))) if w]
+
+
+def _guard_warning(summary: dict, run_dir: Path) -> str | None:
+    """When the collapse guard stopped the run: what drifted, and which weights RUN/model holds."""
+    tripped = summary.get("stopped_by_guard")
     if not tripped:
         return None
-    return (f"collapse guard: stopped at step {tripped['step']}: {tripped['reason']}; {Path(run_dir) / 'model'} "
+    return (f"collapse guard: stopped at step {tripped['step']}: {tripped['reason']}; {run_dir / 'model'} "
             f"holds the weights of step {tripped['restored_step']} (the last healthy probe), the drifted ones are "
             f"in {tripped.get('drifted_model')}; lower prpo.lr or raise prpo.beta, or --set prpo.guard=false to "
             "train on regardless")
 
 
-def prpo_signal_warning(run_dir: Path) -> str | None:
-    """One plain line when no step of a finished PRPO/GRPO run had a non-zero advantage (from the
-    loop's RUN/summary.json): such a run returns a model that learned nothing from its rewards."""
-    path = Path(run_dir) / "summary.json"
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text(encoding="utf-8"))
+def _signal_warning(summary: dict) -> str | None:
+    """When no step had a non-zero advantage: such a run returns a model that learned nothing from
+    its rewards."""
     if not summary.get("steps") or summary.get("steps_with_signal", 1) > 0:
         return None
     if summary.get("steps_all_invalid") == summary["steps"]:

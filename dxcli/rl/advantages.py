@@ -46,7 +46,8 @@ def prpo_token_advantages(token_ids: list[list[int]], tokenizer, *, images: list
 
 def reward_stat_keys(algo: str, vcr: bool) -> tuple[str, ...]:
     """The per-image statistics `prpo_token_advantages` / `grpo_token_advantages` report: the same
-    keys for every image of every rank, decided by the config alone (`vcr`: PRPO with a CLIP)."""
+    keys for every image of every rank, decided by the config alone (`vcr`: a CLIP is loaded;
+    GRPO's single reward ignores it)."""
     if algo == "grpo":
         return ("reward",)
     return ("reward", "pcr", "final_pcr", "paragraphs") + (("vcr",) if vcr else ())

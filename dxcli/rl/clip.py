@@ -145,7 +145,7 @@ class OpenClipScorer(ClipScorer):
         spec = str(spec)
         parsed = parse_open_clip(spec)
         open_clip = _import_open_clip(spec)
-        arch = _registered_arch(open_clip, parsed.arch)
+        arch = registered_arch(open_clip, parsed.arch)
         try:
             with _hub_offline() if not download else nullcontext():
                 model, _, preprocess = open_clip.create_model_and_transforms(
@@ -266,7 +266,7 @@ def _check_cached_tag(spec: str, parsed: OpenClipSpec, download: bool) -> None:
     """One line naming the fetch command when a tag's weights are not local (or fetch them)."""
     import open_clip
 
-    arch = _registered_arch(open_clip, parsed.arch)
+    arch = registered_arch(open_clip, parsed.arch)
     found = tag_weights(arch, parsed.pretrained)
     if found.cached:
         return
@@ -282,7 +282,7 @@ def _check_cached_tag(spec: str, parsed: OpenClipSpec, download: bool) -> None:
                       f"fetch them by hand: {found.fetch}") from None
 
 
-def _registered_arch(open_clip: Any, arch: str) -> str:
+def registered_arch(open_clip: Any, arch: str) -> str:
     """The open_clip model name of `arch`; a config JSON of one's own is registered under its stem."""
     if arch.endswith(".json"):
         open_clip.add_model_config(Path(arch).expanduser())

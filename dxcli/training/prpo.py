@@ -83,7 +83,6 @@ class PrpoState:
     tally: dict[str, int] = field(default_factory=lambda: {"steps_with_signal": 0, "steps_all_invalid": 0})
     guard: Guard | None = None  # the collapse guard (prpo.guard), opened when the loop starts
     guard_start: dict[str, int] | None = None  # the start's probe answers, kept across --resume
-    guard_probe: list = field(default_factory=list)  # this rank's share of the guard's probe prompts
 
 
 def setup(job: PrpoJob) -> PrpoState:
@@ -338,10 +337,10 @@ def save(state: PrpoState) -> Path:
     return saved_state.finish(state.engine, state.bundle, run_dir, zero_stage, state.dist, state.cfg.prpo.algo)
 
 
-def probe_now(state: PrpoState) -> ProbeMix:
-    """The current policy's greedy verdicts on the guard's probe set (all ranks)."""
+def probe_now(state: PrpoState, probe: list) -> ProbeMix:
+    """The current policy's greedy verdicts on `probe`, this rank's share of the guard's prompts (all ranks)."""
     cfg = state.cfg
-    return probe_mix(state.engine, state.bundle, state.guard_probe, Path(state.job.images),
+    return probe_mix(state.engine, state.bundle, probe, Path(state.job.images),
                      max_new_tokens=cfg.prpo.max_new_tokens, batch_size=cfg.eval.batch_size, dist=state.dist)
 
 
@@ -351,9 +350,9 @@ def open_guard(state: PrpoState) -> Guard | None:
     p = state.cfg.prpo
     if not p.guard:
         return None
-    state.guard_probe = probe_set(state.records, p.guard_probe_size, state.cfg.train.seed, state.dist)
-    start = ProbeMix(**state.guard_start) if state.guard_start else probe_now(state)
-    guard = Guard(state.guard_probe, start, HealthyCopy(Path(state.job.run_dir) / "guard", state.dist),
+    probe = probe_set(state.records, p.guard_probe_size, state.cfg.train.seed, state.dist)
+    start = ProbeMix(**state.guard_start) if state.guard_start else probe_now(state, probe)
+    guard = Guard(probe, start, HealthyCopy(Path(state.job.run_dir) / "guard", state.dist),
                   healthy_step=state.step)
     guard.copy.take(state.engine.module)
     if state.dist.main:
@@ -367,7 +366,7 @@ def guard_stops(state: PrpoState) -> bool:
     p = state.cfg.prpo
     if state.guard is None or not guard_due(state.step, state.total_steps, p.guard_every):
         return False
-    return state.guard.check(probe_now(state), state.step, p, state.engine.module)
+    return state.guard.check(probe_now(state, state.guard.probe), state.step, p, state.engine.module)
 
 
 def run(job: PrpoJob) -> Path:

@@ -25,7 +25,7 @@ LABEL_RATIOS = ("pseudo_label_accuracy", "answer_accuracy")
 
 def rollout_stat_keys(cfg: PrpoConfig, vcr: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(mean keys, ratio keys) of `Rollout.stats`, fixed by the config (`vcr`: a CLIP is loaded)."""
-    return reward_stat_keys(cfg.algo, vcr and cfg.algo == "prpo") + ROLLOUT_MEANS, LABEL_RATIOS
+    return reward_stat_keys(cfg.algo, vcr) + ROLLOUT_MEANS, LABEL_RATIOS
 
 
 @dataclass
@@ -67,8 +67,8 @@ def rollout(bundle, images, questions, labels, *, cfg: PrpoConfig, clip, lexicon
         completion_mask[row, :len(ids)] = 1
         advantages[row, :len(ids)] = torch.tensor(adv[:len(ids)])
     # every image reports every key: a key missing from one group is a bug, not a shorter mean
-    reward_keys = reward_stat_keys(cfg.algo, cfg.algo == "prpo" and clip is not None)
-    stats: dict[str, float | Ratio] = {key: mean([s[key] for s in group_stats]) for key in reward_keys}
+    stats: dict[str, float | Ratio] = {key: mean([s[key] for s in group_stats])
+                                       for key in reward_stat_keys(cfg.algo, clip is not None)}
     stats.update(
         response_tokens=mean([len(ids) for ids in gen.token_ids]),
         invalid_rate=mean([float(a is None) for a in answers]),

@@ -38,6 +38,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -99,7 +100,7 @@ def rl_command(method: str, data: Path, domain: str, domains_all: list[str]) -> 
     return ["--algo", algo, "--labels", labels, *where]
 
 
-def evaluate(answers: Path, variants: dict[str, str], samples: list[Path]) -> dict:
+def evaluate(answers: Path, variants: dict[str, str], samples: list[Path], min_share: float) -> dict:
     """Greedy answers on one domain: F1, accuracy, invalid rate, head AUC, final-paragraph PCR,
     the recall of the fakes of each generator variant (shared with the training domains or private
     to the held-out one); maj@G F1 from the `samples` answer files; and the evidence check."""
@@ -110,23 +111,24 @@ def evaluate(answers: Path, variants: dict[str, str], samples: list[Path]) -> di
     overall = score_rows(rows)["overall"]
     scores = [score_response(row.get("text") or "", keywords=False) for row in rows]
     final_pcr = [s.pcr[s.final_index] for s in scores]
-    return {"f1": overall.get("f1"), "maj_f1": majority_f1(rows, samples), "accuracy": overall.get("accuracy"),
+    return {"f1": overall.get("f1"), "maj_f1": majority_f1(rows, samples, min_share), "accuracy": overall.get("accuracy"),
             "invalid_rate": overall.get("invalid_rate"), "head_auc": overall.get("head_auc"),
             "final_pcr": sum(final_pcr) / len(final_pcr), **evidence_check(rows, scores),
             **recall_by_variant(rows, variants), "n": len(rows)}
 
 
-def majority_f1(rows: list[dict], samples: list[Path]) -> float | None:
+def majority_f1(rows: list[dict], samples: list[Path], min_share: float) -> float | None:
     """F1 of the majority verdict of G sampled answers per question (maj@G), with the pseudo-label
-    rule RL uses (more than half of all G samples, invalid ones counting against it; else no
-    verdict, which scores as wrong): what sampling knows that greedy decoding may not say."""
+    rule RL uses (more than `min_share`, prpo.majority_min_share, of all G samples, invalid ones
+    counting against it; else no verdict, which scores as wrong): what sampling knows that greedy
+    decoding may not say."""
     from dxcli.evaluation.score import load_answers, score_rows
     from dxcli.rl.objective import majority_answer
 
     if not samples:
         return None
     sampled = [{row["question_id"]: row.get("predict") for row in load_answers(path)} for path in samples]
-    voted = [{**row, "predict": majority_answer([s.get(row["question_id"]) for s in sampled], 0.5)[0]}
+    voted = [{**row, "predict": majority_answer([s.get(row["question_id"]) for s in sampled], min_share)[0]}
              for row in rows]
     return score_rows(voted)["overall"].get("f1")
 
@@ -186,42 +188,41 @@ def one_domain(run: Runner, data: Path, seed: int, work: Path, domain: str, doma
         models[method] = out / "model"
         logs[method] = rl_log(out)
     rows, variants = [], fake_variants(data, seed)
+    from dxcli import config
+
+    prpo = config.resolve(args.profile, args.sets).config.prpo  # the RL's sampling and pseudo-label rule
     for method, model in models.items():
-        answers = work / f"answers-{domain}-{method}{'' if method == 'sft' else args.tag}.jsonl"
-        if not answers.is_file():
-            partial = answers.with_suffix(".partial.jsonl")
-            partial.unlink(missing_ok=True)
-            run.dx("eval", "infer", "--model", str(model), "--questions", str(questions), "--images", str(data),
-                   "--out", str(partial), *common)
-            partial.rename(answers)
-        samples = sampled_answers(run, model, questions, data, work / f"answers-{domain}-{method}"
-                                  f"{'' if method == 'sft' else args.tag}", common, args)
-        rows.append({"method": method, "held_out": domain, **evaluate(answers, variants, samples),
+        stem = work / f"answers-{domain}-{method}{'' if method == 'sft' else args.tag}"
+        answers = infer_once(run, model, questions, data, stem.with_name(f"{stem.name}.jsonl"), common)
+        samples = sampled_answers(run, model, questions, data, stem, common, prpo, args.samples)
+        rows.append({"method": method, "held_out": domain,
+                     **evaluate(answers, variants, samples, prpo.majority_min_share),
                      "sft_collapsed": sft["collapsed"],
                      "seconds": seconds.get(method), "rollouts": logs.get(method, {})})
     return rows
 
 
-def sampled_answers(run: Runner, model: Path, questions: Path, data: Path, stem: Path, common: list[str],
-                    args: argparse.Namespace) -> list[Path]:
-    """`args.samples` answer files of `model`, each one sample per question at the RL rollouts'
-    temperature and top_p (the profile's prpo section with the run's --set), seeds 0..G-1."""
-    from dxcli import config
+def infer_once(run: Runner, model: Path, questions: Path, data: Path, out: Path, common: list[str],
+               extra: tuple[str, ...] = ()) -> Path:
+    """`dx eval infer` into `out` unless an earlier invocation finished it (a partial file never counts)."""
+    if not out.is_file():
+        partial = out.with_suffix(".partial.jsonl")
+        partial.unlink(missing_ok=True)
+        run.dx("eval", "infer", "--model", str(model), "--questions", str(questions), "--images", str(data),
+               "--out", str(partial), *extra, *common)
+        partial.rename(out)
+    return out
 
-    prpo = config.resolve(args.profile, args.sets).config.prpo
-    paths = []
-    for k in range(args.samples):
-        # the sampling settings in the name: files of another T or top_p are never reused
-        path = stem.with_name(f"{stem.name}-t{prpo.temperature:g}-p{prpo.top_p:g}-sample{k}.jsonl")
-        if not path.is_file():
-            partial = path.with_suffix(".partial.jsonl")
-            partial.unlink(missing_ok=True)
-            run.dx("eval", "infer", "--model", str(model), "--questions", str(questions), "--images", str(data),
-                   "--out", str(partial), "--temperature", str(prpo.temperature), "--set", f"eval.top_p={prpo.top_p}",
-                   "--set", f"eval.seed={k}", *common)
-            partial.rename(path)
-        paths.append(path)
-    return paths
+
+def sampled_answers(run: Runner, model: Path, questions: Path, data: Path, stem: Path, common: list[str],
+                    prpo: Any, samples: int) -> list[Path]:
+    """`samples` answer files of `model`, each one sample per question at the RL rollouts'
+    temperature and top_p (`prpo`: the profile's prpo section with the run's --set), seeds 0..G-1."""
+    sampling = ("--temperature", str(prpo.temperature), "--set", f"eval.top_p={prpo.top_p}")
+    # the sampling settings in the name: files of another T or top_p are never reused
+    return [infer_once(run, model, questions, data,
+                       stem.with_name(f"{stem.name}-t{prpo.temperature:g}-p{prpo.top_p:g}-sample{k}.jsonl"), common,
+                       (*sampling, "--set", f"eval.seed={k}")) for k in range(samples)]
 
 
 def vcr_setting(args: argparse.Namespace) -> str:
