@@ -30,3 +30,10 @@ def user_os_error(exc: OSError) -> DxError | None:
     if exc.errno not in USER_OS_ERRNOS or not exc.filename:
         return None
     return DxError(f"cannot write {exc.filename}: {exc.strerror}")
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (without a final full stop), for one-line
+    errors that quote a library's failure; its type's name when it has no message."""
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(exc).__name__

@@ -8,8 +8,9 @@ import sys
 import typer
 
 from dxcli import __version__
-from dxcli.cli import dataset, demo, detect, profiles, questions, train
+from dxcli.cli import dataset, demo, detect, profiles, questions, serve, train
 from dxcli.cli import eval as eval_group
+from dxcli.cli import model as model_group
 from dxcli.cli.common import reflow
 
 _state = {"debug": bool(os.environ.get("DX_DEBUG"))}
@@ -80,7 +81,9 @@ app.add_typer(dataset.app, name="dataset")
 app.add_typer(questions.app, name="questions")
 app.add_typer(train.app, name="train")
 app.add_typer(eval_group.app, name="eval")
+app.add_typer(model_group.app, name="model")
 detect.register(app)
+serve.register(app)
 demo.register(app)
 
 

@@ -45,7 +45,10 @@ class ModelConfig:
     path: str | None = None  # a dx checkpoint folder; wins over everything below
     preset: str = "compose"  # "compose" (vision + llm) or "tiny"
     vision: str = "convnext_large_mlp.clip_laion2b_ft_soup_320"  # timm name
-    vision_weights: str | None = None  # local file/folder or hub id; None -> timm's own
+    # None -> timm's own; a local file/folder (timm or open_clip keys) or timm hub id; or an open_clip
+    # model: open_clip:ARCH:TAG_OR_FILE (the --clip spec: one file serves tower and VCR) or
+    # hf-hub:ORG/NAME, from the local cache only; its trunk must be model.vision's
+    vision_weights: str | None = None
     llm: str = "lmsys/vicuna-7b-v1.5"  # local folder or hub id
     # hub ids load from the Hugging Face cache only (an offline machine fails at once, saying what
     # to download); true lets transformers and timm download what is missing

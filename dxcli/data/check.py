@@ -1,11 +1,13 @@
 """`dx dataset check`: decode every image of a tree, hash it, and report what is wrong.
 
+The tree may be in any layout dxcli/data/layouts.py recognises; the report names the layout.
+
 Kinds of problem (errors unless marked):
   corrupt, empty, not_image, too_large (over the decompression-bomb pixel limit),
-  unexpected_dir (a split/label folder outside the allowed, case-sensitive names, or a folder
-  inside a label folder), duplicate (the same bytes twice within one split: across domains too,
-  since a leave-one-domain-out run trains on several domains at once), leak (the same bytes in
-  two splits, in any domains), no_images (the tree holds no image at all);
+  unexpected_dir (a folder the layout has no place for: a split/label folder outside the allowed,
+  case-sensitive names, or a folder inside a label folder), duplicate (the same bytes twice
+  within one split: across domains too, since a leave-one-domain-out run trains on several
+  domains at once), leak (the same bytes in two splits, in any domains), no_images (the tree holds no image at all);
   warnings: too_small (short side below min_side), imbalance (one label outnumbers the other by
   more than imbalance_ratio within a domain's split), stray_file (a file where only folders or
   images belong; it is ignored by every command).
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dxcli.data.layouts import LABEL_NAMES, Layout
 from dxcli.data.tree import LABELS, SPLITS, TreeImage, walk_tree
 from dxcli.base.errors import UsageError
 
@@ -50,6 +53,7 @@ class CheckReport:
     counts: dict[str, dict[str, dict[str, int]]]  # domain -> split -> label -> images
     problems: list[dict[str, str]] = field(default_factory=list)  # path, kind, detail, severity
     images: int = 0
+    layout: Layout | None = None  # how the tree was read
 
     @property
     def errors(self) -> list[dict[str, str]]:
@@ -64,12 +68,17 @@ class CheckReport:
         return not self.errors
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """{"ok", "counts", "problems"}, plus "layout" when the tree is not in the dx layout (the
+        object keeps the shape it always had for dx trees)."""
+        found = {
             "ok": self.ok,
             "counts": self.counts,
             "problems": [{"path": p["path"], "kind": p["kind"], "detail": p["detail"]}
                          for p in self.problems],
         }
+        if self.layout is not None and self.layout.name != "dx":
+            found["layout"] = self.layout.to_json()
+        return found
 
 
 def inspect_image(path: str, rel: str, max_pixels: int) -> ImageResult:
@@ -213,9 +222,9 @@ def check_tree(root: Path, *, min_side: int = 32, max_pixels: int = 89_478_485,
                          f"{imbalance_ratio})")
     listing = walk_tree(Path(root))
     results = inspect_all(Path(root), listing.images, max_pixels, workers, progress)
-    problems = [_problem(rel, "unexpected_dir", "allowed: split " + "|".join(SPLITS) + ", label "
-                         + "|".join(LABELS) + ", images only inside label folders")
-                for rel in listing.unexpected_dirs]
+    allowed = (f"allowed ({listing.layout.describe()}): split {'|'.join(SPLITS)}, label {LABEL_NAMES}, "
+               "images only inside label folders")
+    problems = [_problem(rel, "unexpected_dir", allowed) for rel in listing.unexpected_dirs]
     problems += [_problem(rel, "stray_file", "not an image in a label folder; ignored")
                  for rel in listing.stray_files]
     for result in results:
@@ -228,6 +237,7 @@ def check_tree(root: Path, *, min_side: int = 32, max_pixels: int = 89_478_485,
     problems += _imbalance(counts, imbalance_ratio)
     problems += _same_content(listing.images, results)
     if not listing.images:
-        problems.append(_problem(".", "no_images", "no <domain>/<split>/<label>/<image> files found"))
+        problems.append(_problem(".", "no_images", "no images found in the label folders of a "
+                                 f"{listing.layout.describe()} tree"))
     problems.sort(key=lambda p: (p["path"], p["kind"]))
-    return CheckReport(counts=counts, problems=problems, images=len(listing.images))
+    return CheckReport(counts=counts, problems=problems, images=len(listing.images), layout=listing.layout)

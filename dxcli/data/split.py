@@ -4,6 +4,9 @@
     domain and label, deterministic for a seed. Files are copied or hard-linked, never moved.
     Content-identical files are one unit: the first (by path) is kept, the copies are skipped
     (reported), so no content lands in two splits and the result passes `dx dataset check`.
+    A tree in another layout (ForenSynths, GenImage, Chameleon, ...; dxcli/data/layouts.py)
+    becomes a dx tree of hard links, keeping the splits it is read with unless --ratios re-splits
+    one without split folders; folded folders (categories, subsets) prefix the file names.
 (b) `write_records`: OUT/train.json, val.json, test.json (JSON arrays of METHOD.md §4
     records) from a tree and optional reasoning; `holdout` gives leave-one-domain-out records.
 """
@@ -23,7 +26,7 @@ from typing import Any
 from dxcli.base.errors import DxError, UsageError
 from dxcli.data.records import (REASONING_FILE, default_reasoning, load_reasoning, records_from_images,
                                 save_records, tree_key)
-from dxcli.data.tree import LABELS, SPLITS, is_image_name, scan_tree
+from dxcli.data.tree import LABELS, SPLITS, TreeImage, TreeListing, walk_tree
 
 Progress = Callable[[int, int], None]
 DEFAULT_RATIOS = (0.8, 0.1, 0.1)
@@ -42,31 +45,27 @@ def parse_ratios(text: str | Sequence[float]) -> tuple[float, float, float]:
     return values[0], values[1], values[2]
 
 
-def _scan_pool(pool: Path) -> list[tuple[str, str, str]]:
-    """(domain, label, rel) for every image of the pool, sorted; bad folders are an error."""
-    if not pool.is_dir():
-        raise UsageError(f"{pool}: not a directory")
-    items, unexpected = [], []
-    for domain in sorted(pool.iterdir()):
-        if domain.name.startswith(".") or not domain.is_dir():
-            continue
-        for label in sorted(domain.iterdir()):
-            if label.name.startswith("."):
-                continue
-            if not label.is_dir() or label.name not in LABELS:
-                unexpected.append(f"{domain.name}/{label.name}")
-                continue
-            for file in sorted(label.iterdir()):
-                if file.is_file() and not file.name.startswith(".") and is_image_name(file.name):
-                    items.append((domain.name, label.name, f"{domain.name}/{label.name}/{file.name}"))
-    if unexpected:
-        hint = " (this looks like a split tree: use --records)" if any(
-            u.split("/")[1] in SPLITS for u in unexpected) else ""
-        raise DxError(f"{pool}: expected POOL/<domain>/<real|fake>/<image>; unexpected: "
-                      f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}{hint}")
-    if not items:
-        raise DxError(f"{pool}: no images found under POOL/<domain>/<real|fake>/")
-    return items
+def _read_source(source: Path) -> TreeListing:
+    """The images of SOURCE in any recognised layout. Folders outside the layout stop the command
+    (a split must not drop images silently); a dx tree already has its splits."""
+    listing = walk_tree(source)
+    layout = listing.layout
+    if layout.name == "dx" and listing.images:
+        raise DxError(f"{source}: already a dx tree ({layout.pattern}); to write records from it use --records")
+    pool_hint = " (a pool to split is POOL/<domain>/<real|fake>/<image>)" if layout.name in ("dx", "no-split") else ""
+    shown = listing.unexpected_dirs
+    if shown:
+        raise DxError(f"{source}: folders outside the {layout.describe()} layout: {', '.join(shown[:5])}"
+                      f"{' ...' if len(shown) > 5 else ''}; move or rename them{pool_hint}")
+    if not listing.images:
+        raise DxError(f"{source}: no images found in label folders{pool_hint}")
+    return listing
+
+
+def _is_dx_pool(listing: TreeListing) -> bool:
+    """`POOL/<domain>/<real|fake>/<image>`: dx's own input to split (copied unless --link, split by ratios)."""
+    return listing.layout.name == "no-split" and all(
+        not image.folded and image.rel.split("/")[1] in LABELS for image in listing.images)
 
 
 def _sha256(path: Path) -> str:
@@ -122,57 +121,97 @@ def _assign(units: list[str], ratios: tuple[float, float, float], rng: random.Ra
             for i, rel in enumerate(order)}
 
 
-def _place(source: Path, dest: Path, link: bool) -> None:
+def _place(source: Path, dest: Path, mode: str, link_hint: str) -> None:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if link:
+        if mode == "link":
             os.link(source, dest)
         else:
             shutil.copy2(source, dest)
     except OSError as exc:
-        if link and exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-            raise DxError(f"--link: cannot hard-link {source} -> {dest} ({exc.strerror}); "
-                          "OUT must be on the same filesystem, or copy without --link") from None
+        if mode == "link" and exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise DxError(f"cannot hard-link {source} -> {dest} ({exc.strerror}); {link_hint}") from None
         raise DxError(f"cannot write {dest} ({exc.strerror or exc})") from None
 
 
-def split_pool(pool: Path, out: Path, ratios: Sequence[float] | str = DEFAULT_RATIOS,
+def split_pool(pool: Path, out: Path, ratios: Sequence[float] | str | None = None,
                seed: int = 0, link: bool = False, force: bool = False,
-               progress: Progress | None = None) -> dict[str, Any]:
-    """Split POOL into the OUT tree. `progress(done, total)` counts hashing then placing."""
+               progress: Progress | None = None, copy: bool = False) -> dict[str, Any]:
+    """Split SOURCE into the dx tree OUT. A dx pool is split by `ratios` (default 0.8,0.1,0.1) and
+    copied unless `link`. Any other layout is hard-linked unless `copy`, and keeps the splits it is
+    read with (its published ones; test without split folders) unless `ratios` re-splits a tree
+    without split folders. `progress(done, total)` counts hashing (when splitting) then placing."""
     pool, out = Path(pool), Path(out)
-    ratios = parse_ratios(ratios)
-    items = _scan_pool(pool)
+    if link and copy:
+        raise UsageError("--link and --copy exclude each other")
+    given = parse_ratios(ratios) if ratios is not None else None
+    listing = _read_source(pool)
+    dx_pool, layout = _is_dx_pool(listing), listing.layout
+    if given is not None and layout.split_folders:
+        raise UsageError(f"--ratios: {pool} already has split folders ({layout.describe()}); they are kept, "
+                         "leave out --ratios")
+    assign = dx_pool or given is not None
+    mode = "copy" if copy or (dx_pool and not link) else "link"
     _prepare_out(pool, out, force)
-    total = 2 * len(items)
+    images = listing.images
+    total = (2 if assign else 1) * len(images)
+    if assign:
+        split_of, duplicates = _assign_splits(pool, images, given or DEFAULT_RATIOS, seed, progress, total)
+    else:
+        split_of, duplicates = {image.rel: image.split for image in images}, []
+    link_hint = ("--link: OUT must be on the same filesystem, or copy without --link" if dx_pool else
+                 f"put --out on the filesystem of {pool}, or pass --copy; or skip the split: every dx "
+                 "command reads the tree in place")
+    counts = _place_images(pool, out, images, split_of, mode, link_hint,
+                           lambda done: progress(total - len(images) + done, total) if progress else None)
+    if progress:  # skipped duplicates are never placed: end the count at its total
+        progress(total, total)
+    return {"out": str(out), "mode": mode, "seed": seed if assign else None,
+            "ratios": list(given or DEFAULT_RATIOS) if assign else None, "images": len(split_of),
+            "counts": counts, "duplicates_skipped": duplicates, "layout": layout.to_json(),
+            "splits": "assigned" if assign else "kept"}
+
+
+def _assign_splits(pool: Path, images: list[TreeImage], ratios: Sequence[float], seed: int,
+                   progress: Progress | None, total: int) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """rel -> split, stratified by (domain, label); content-identical files after the first are skipped."""
     first_with: dict[str, str] = {}
     duplicates: list[dict[str, str]] = []
     strata: dict[tuple[str, str], list[str]] = {}
-    for done, (domain, label, rel) in enumerate(items, start=1):
-        digest = _sha256(pool / rel)
+    for done, image in enumerate(images, start=1):
+        digest = _sha256(pool / image.rel)
         if digest in first_with:
-            duplicates.append({"path": rel, "same_as": first_with[digest]})
+            duplicates.append({"path": image.rel, "same_as": first_with[digest]})
         else:
-            first_with[digest] = rel
-            strata.setdefault((domain, label), []).append(rel)
+            first_with[digest] = image.rel
+            strata.setdefault((image.domain, image.label), []).append(image.rel)
         if progress:
             progress(done, total)
     split_of: dict[str, str] = {}
     for (domain, label), units in strata.items():
-        split_of.update(_assign(units, ratios, random.Random(f"{seed}/{domain}/{label}")))
+        split_of.update(_assign(units, tuple(ratios), random.Random(f"{seed}/{domain}/{label}")))
+    return split_of, duplicates
+
+
+def _place_images(pool: Path, out: Path, images: list[TreeImage], split_of: dict[str, str], mode: str,
+                  link_hint: str, placed: Callable[[int], None]) -> dict[str, dict[str, dict[str, int]]]:
+    """Place every image at OUT/<domain>/<split>/<label>/<folded_..._name>; counts per domain/split/label."""
+    plan: dict[Path, TreeImage] = {}
+    for image in images:
+        if image.rel not in split_of:
+            continue
+        dest = out / image.domain / split_of[image.rel] / image.label / "_".join((*image.folded, Path(image.rel).name))
+        if dest in plan:  # checked before anything is written
+            raise DxError(f"{pool}: {plan[dest].rel} and {image.rel} would both become {dest}; rename one of them")
+        plan[dest] = image
     counts: dict[str, dict[str, dict[str, int]]] = {}
     out.mkdir(parents=True, exist_ok=True)
-    for done, (domain, label, rel) in enumerate(items, start=len(items) + 1):
-        split = split_of.get(rel)
-        if split is not None:
-            _place(pool / rel, out / domain / split / label / Path(rel).name, link)
-            domain_counts = counts.setdefault(domain, {s: dict.fromkeys(LABELS, 0) for s in SPLITS})
-            domain_counts[split][label] += 1
-        if progress:
-            progress(done, total)
-    return {"out": str(out), "mode": "link" if link else "copy", "seed": seed,
-            "ratios": list(ratios), "images": len(split_of), "counts": counts,
-            "duplicates_skipped": duplicates}
+    for done, (dest, image) in enumerate(plan.items(), start=1):
+        _place(pool / image.rel, dest, mode, link_hint)
+        split = split_of[image.rel]
+        counts.setdefault(image.domain, {s: dict.fromkeys(LABELS, 0) for s in SPLITS})[split][image.label] += 1
+        placed(done)
+    return counts
 
 
 def record_paths(out: Path) -> dict[str, Path]:
@@ -198,9 +237,10 @@ def write_records(tree: Path, out: Path, reasoning: dict[str, str] | None,
     """Write OUT/{train,val,test}.json from the tree. With `holdout`, train/val come from the
     other domains and test from the held-out domain's test split (leave-one-domain-out)."""
     tree, out = Path(tree), Path(out)
-    images, _ = scan_tree(tree)
+    listing = walk_tree(tree)  # any layout: the records point at the images where they are
+    images = listing.images
     if not images:
-        raise DxError(f"{tree}: no images found under <domain>/<split>/<label>/")
+        raise DxError(f"{tree}: no images found in the label folders of a {listing.layout.describe()} tree")
     if _inside(out.resolve(), tree.resolve()):
         raise UsageError(f"--out {out} is inside the image tree {tree}; commands never write there")
     domains = sorted({image.domain for image in images})
@@ -223,4 +263,5 @@ def write_records(tree: Path, out: Path, reasoning: dict[str, str] | None,
                         "fake": sum(r.binary_label == 1 for r in records),
                         "with_reasoning": len(annotated)}
     return {"out": str(out), "holdout": holdout, "files": files,
-            "reasoning_unmatched": len(reasoning.keys() - {tree_key(i.rel) for i in images})}
+            "reasoning_unmatched": len(reasoning.keys() - {tree_key(i.rel) for i in images}),
+            "layout": listing.layout.to_json()}

@@ -1,5 +1,8 @@
-"""The image tree (METHOD.md §4): `ROOT/<domain>/<split>/<label>/<file>`.
+"""The image tree (METHOD.md §4): `ROOT/<domain>/<split>/<label>/<file>`, or one of the field's
+layouts (ForenSynths, GenImage, Chameleon, trees without split folders; dxcli/data/layouts.py).
 
+Every tree is read through `walk_tree`: it recognises the layout and maps each image to
+(rel path, domain, split, label), so every command works on every layout and no image is copied.
 Names are case-sensitive (`Train` or `FAKE` is not a split or label); file extensions are not.
 Hidden entries (names starting with '.') are skipped everywhere, and regular files directly in
 ROOT (such as `reasoning.jsonl`) are not part of the tree.
@@ -7,15 +10,17 @@ ROOT (such as `reasoning.jsonl`) are not part of the tree.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from dxcli.base.errors import DxError, UsageError
+from dxcli.base.errors import UsageError
 from dxcli.base.images import is_image_name
+from dxcli.data.layouts import (LABEL_OF, SPLITS, Folder, Layout, Place, check_label_names, detect_layout,
+                                is_folder, list_folder, read_folders)
 
-SPLITS = ("train", "val", "test")
 LABELS = ("real", "fake")
+__all__ = ["LABELS", "SPLITS", "TreeImage", "TreeListing", "is_image_name", "parse_tree_path", "scan_tree",
+           "walk_tree"]
 
 
 @dataclass
@@ -23,7 +28,8 @@ class TreeImage:
     rel: str  # posix path relative to ROOT
     domain: str
     split: str
-    label: str
+    label: str  # real or fake, whatever the label folder's name
+    folded: tuple[str, ...] = ()  # folders between domain and label the layout folds (categories)
 
 
 @dataclass
@@ -33,53 +39,52 @@ class TreeListing:
     images: list[TreeImage] = field(default_factory=list)
     unexpected_dirs: list[str] = field(default_factory=list)
     stray_files: list[str] = field(default_factory=list)  # files where only dirs or images belong
-
-
-
-def _entries(path: Path) -> list[os.DirEntry]:
-    try:
-        with os.scandir(path) as it:
-            return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
-    except OSError as exc:
-        raise DxError(f"{path}: cannot list the folder ({exc.strerror or exc})") from None
+    layout: Layout | None = None
 
 
 def walk_tree(root: Path) -> TreeListing:
-    """Walk the fixed four levels of the tree (symlinks followed: the depth bounds any loop)."""
+    """Recognise the tree's layout and walk it (symlinks followed: the bounded depth stops loops)."""
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"{root}: not a directory")
-    found = TreeListing()
-    for domain in _entries(root):
-        if not domain.is_dir():
-            continue  # top-level files (reasoning.jsonl, README, ...) are not part of the tree
-        for split in _entries(Path(domain.path)):
-            rel_split = f"{domain.name}/{split.name}"
-            if not split.is_dir():
-                found.stray_files.append(rel_split)
-            elif split.name not in SPLITS:
-                found.unexpected_dirs.append(rel_split)
-            else:
-                _walk_split(Path(split.path), domain.name, split.name, found)
+    top = read_folders(root)
+    found = TreeListing(layout=detect_layout(top))
+    _walk(top, found.layout, found)
     found.images.sort(key=lambda image: image.rel)
     return found
 
 
-def _walk_split(path: Path, domain: str, split: str, found: TreeListing) -> None:
-    for label in _entries(path):
-        rel_label = f"{domain}/{split}/{label.name}"
-        if not label.is_dir():
-            found.stray_files.append(rel_label)
-            continue
-        if label.name not in LABELS:
-            found.unexpected_dirs.append(rel_label)
-            continue
-        for entry in _entries(Path(label.path)):
+def _walk(folder: Folder, layout: Layout, found: TreeListing) -> None:
+    """Folders the layout has no place for are unexpected; files where only folders belong are strays."""
+    place, descends = layout.place(folder.parts), layout.descends(folder.parts)
+    if place is not None and (folder.labels or not descends):
+        _walk_label_parent(folder, place, found)
+        return
+    if not descends:
+        found.unexpected_dirs.append(folder.rel)
+        return
+    prefix = f"{folder.rel}/" if folder.parts else ""
+    if folder.parts:  # files directly in ROOT (reasoning.jsonl, README) are not part of the tree
+        found.stray_files += [prefix + name for name in folder.files]
+    found.unexpected_dirs += [prefix + name for name in folder.labels]  # labels where none belong
+    for child in folder.folders:
+        _walk(child, layout, found)
+
+
+def _walk_label_parent(folder: Folder, place: Place, found: TreeListing) -> None:
+    check_label_names(folder)
+    prefix = f"{folder.rel}/" if folder.parts else ""
+    if folder.parts:
+        found.stray_files += [prefix + name for name in folder.files]
+    found.unexpected_dirs += [prefix + child.name for child in folder.folders]
+    for label in folder.labels:
+        rel_label = prefix + label
+        for entry in list_folder(folder.path / label):
             rel = f"{rel_label}/{entry.name}"
-            if entry.is_dir():
+            if is_folder(entry):
                 found.unexpected_dirs.append(rel)
             elif is_image_name(entry.name):
-                found.images.append(TreeImage(rel, domain, split, label.name))
+                found.images.append(TreeImage(rel, place.domain, place.split, LABEL_OF[label], place.folded))
             else:
                 found.stray_files.append(rel)
 

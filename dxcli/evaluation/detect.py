@@ -2,48 +2,21 @@
 
 from __future__ import annotations
 
-import glob
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from dxcli.base.answer import head_verdict, parse_answer
-from dxcli.base.errors import DxError, UsageError
-from dxcli.base.images import IMAGE_EXTS, load_rgb
+from dxcli.base.errors import DxError
+from dxcli.base.images import load_rgb
 from dxcli.base.template import DEFAULT_QUESTION
 from dxcli.config import DxConfig
+from dxcli.evaluation.detections import Detection, expand_inputs  # noqa: F401 (re-exported)
 from dxcli.model.build import ModelBundle
 from dxcli.model.checkpoint import load_checkpoint, load_image_side, resolve_model_path
 from dxcli.model.generate import encode_images, generate
 from dxcli.runtime import env
 from dxcli.runtime.dist import from_env
-
-
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given, folders walked for images (sorted), glob patterns expanded. A missing file
-    among others stays in the list (its detection is an error row); all missing is a usage error."""
-    paths: list[Path] = []
-    missing: list[str] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-        elif path.exists():
-            paths.append(path)
-        elif any(ch in item for ch in "*?["):
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
-            if not matches:
-                raise UsageError(f"{item}: the pattern matches no file")
-            paths += matches
-        else:
-            missing.append(item)
-            paths.append(path)  # detect reports it in its row, and the other images still run
-    if len(missing) == len(inputs):
-        raise UsageError(f"no such file or folder: {', '.join(missing)}")
-    if not paths:
-        raise UsageError("no images to check")
-    return paths
 
 
 def open_detector(model: str | None, config: DxConfig, reasoning: bool = True) -> ModelBundle:
@@ -67,20 +40,6 @@ def open_detector(model: str | None, config: DxConfig, reasoning: bool = True) -
             module.to(from_env().device)
     bundle.model.eval()
     return bundle
-
-
-@dataclass
-class Detection:
-    path: str
-    verdict: str | None
-    head_prob: float | None
-    reasoning: str | None
-    seconds: float
-    error: str | None = None
-
-    def to_json(self) -> dict:
-        return {"image": self.path, "verdict": self.verdict, "head_prob": self.head_prob,
-                "reasoning": self.reasoning, "seconds": round(self.seconds, 3), "error": self.error}
 
 
 def detect(bundle, paths: list[Path], *, max_new_tokens: int, reasoning: bool = True,

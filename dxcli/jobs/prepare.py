@@ -101,7 +101,9 @@ def prepare_records(data: Path | None, images: Path | None, run_dir: Path, *, sp
             raise UsageError(f"--images {images_root}: no such folder")
         records = load_records(data, images_root)
     if not records:
-        raise DxError(f"no {split} records found in {data}")
+        hint = (f" (a tree without split folders is a published test set, all `test`: make a {split} split "
+                f"with `dx dataset split {data} --out DIR --ratios 0.8,0.1,0.1`)") if data.is_dir() and split != "test" else ""
+        raise DxError(f"no {split} records found in {data}{hint}")
     if require_labels and any(r.binary_label is None for r in records):
         raise DxError("some records have no label (binary_label or an answer marker)")
     bad = find_bad_images(records, images_root)

@@ -14,6 +14,7 @@ from dxcli import config as cfgmod
 from dxcli.base.errors import DxError, UsageError
 from dxcli.base.jsonio import iter_jsonl
 from dxcli.data.records import load_records
+from dxcli.data.reason_check import reasoning_warning
 from dxcli.evaluation.infer import InferJob, load_questions, merge_outputs
 from dxcli.jobs import prepare
 from dxcli.jobs.launch import LaunchSpec, join_run, launch, spec_for
@@ -57,6 +58,10 @@ def run_sft_stage(stage: str, *, out: Path, resolved: cfgmod.Resolved, data: Pat
     config = prepare.open_run_dir(out, resolved, resume=resume, force=force, check=preflight(stage))
     records_file, images_root = prepare.run_records(out, "train-records.jsonl", resume=resume, say=say,
                                                     data=data, images=images, skip_bad=skip_bad)
+    if stage == "instruct":  # align learns the projector; its answers are not what it is for
+        missing = reasoning_warning(load_records(records_file), data)
+        if missing:  # a plain line: a rich console would wrap it
+            print(f"warning: {missing}", file=sys.stderr, flush=True)
     start = prepare.starting_model(model, config, out, lambda: [r.answer for r in load_records(records_file)])
     job = SftJob(stage=stage, run_dir=str(out), config=str(out / "config.yaml"), records=str(records_file),
                  images=str(images_root), model=start, resume=resume)

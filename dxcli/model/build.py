@@ -41,13 +41,23 @@ class ModelBundle:
 # ---------------------------------------------------------------- processor
 
 
-def make_processor(tokenizer: Any, image_size: int, patch_size: int) -> Any:
+IMAGE_ASPECT_RATIOS = ("crop", "pad")  # DxLlavaConfig.image_aspect_ratio
+
+
+def make_processor(tokenizer: Any, image_size: int, patch_size: int, aspect_ratio: str = "crop") -> Any:
     """LlavaProcessor: RGB, shortest side -> image_size (bicubic), center crop, CLIP mean/std;
-    `<image>` expands to (image_size / patch_size)^2 tokens."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
+    `<image>` expands to (image_size / patch_size)^2 tokens. `aspect_ratio` "pad" first pads the
+    image to a square with the mean colour (LLaVA's expand2square, METHOD.md §2): transformers'
+    LlavaImageProcessor with do_pad, saved as such, so plain transformers pads too."""
+    from transformers import CLIPImageProcessor, LlavaImageProcessor, LlavaProcessor
     from transformers.image_utils import PILImageResampling
 
-    image_processor = CLIPImageProcessor(
+    if aspect_ratio not in IMAGE_ASPECT_RATIOS:
+        raise DxError(f"image aspect ratio must be one of {', '.join(IMAGE_ASPECT_RATIOS)}, got '{aspect_ratio}'")
+    # "crop" keeps CLIPImageProcessor: every model made before padding existed saved that class
+    image_class, extra = (LlavaImageProcessor, {"do_pad": True}) if aspect_ratio == "pad" else (CLIPImageProcessor, {})
+    image_processor = image_class(
+        **extra,
         do_convert_rgb=True,
         do_resize=True,
         size={"shortest_edge": image_size},

@@ -14,9 +14,10 @@ import torch
 
 from dxcli.base.errors import DxError
 from dxcli.config import ModelConfig
-from dxcli.model.build import ModelBundle, build_tiny, preview, summarise, unexpected_note
+from dxcli.model.build import IMAGE_ASPECT_RATIOS, ModelBundle, build_tiny, preview, summarise, unexpected_note
 from dxcli.model.compose import compose
 from dxcli.model.dxllava import DxLlavaConfig, DxLlavaForConditionalGeneration
+from dxcli.model.original import ORIGINAL_TYPE
 
 # state-dict prefixes of what the binary head reads (`DxLlavaForConditionalGeneration.image_side`)
 IMAGE_SIDE = ("model.vision_tower.", "model.multi_modal_projector.", "binary_head.")
@@ -73,6 +74,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
         processor = LlavaProcessor.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise DxError(f"checkpoint {path} has no usable tokenizer/processor: {exc}") from None
+    check_preprocessing(model.config, processor.image_processor, path)
     bundle = ModelBundle(model, processor.tokenizer, processor,
                          notes=unexpected_note(f"checkpoint {path}", info.get("unexpected_keys")))
     summarise(bundle, f"checkpoint {path}")
@@ -87,10 +89,23 @@ def checked_folder(path: str | Path) -> Path:
         raise DxError(f"not a dx checkpoint: {path} has no config.json" if path.is_dir()
                       else f"checkpoint folder not found: {path}")
     saved = json.loads(config_file.read_text(encoding="utf-8"))
+    if saved.get("model_type") == ORIGINAL_TYPE:  # LLaVA's own format, as the original project saves it
+        raise DxError(f"{path} is a checkpoint of the original code (LlavaLlamaForCausalLM): import it first, "
+                      f"dx model import {path} --out DIR")
     if "head_hidden" not in saved:  # a plain LLM or VLM folder: no binary head to load
         raise DxError(f"not a dx checkpoint: {path} holds a '{saved.get('model_type')}' model without dx's "
                       "binary head (compose one with model.llm/model.vision instead)")
     return path
+
+
+def check_preprocessing(config: DxLlavaConfig, image_processor: Any, path: Path) -> None:
+    """The saved image processor must do what config.json records (`image_aspect_ratio`): a folder
+    whose two files disagree would silently feed the model other pixels than it was made with."""
+    pads = bool(getattr(image_processor, "do_pad", False))
+    recorded = config.image_aspect_ratio
+    if recorded not in IMAGE_ASPECT_RATIOS or pads != (recorded == "pad"):
+        raise DxError(f"checkpoint {path}: config.json records image_aspect_ratio '{recorded}' but its image "
+                      f"processor {'pads' if pads else 'does not pad'} images; the two must agree")
 
 
 @dataclass
@@ -125,7 +140,9 @@ def load_image_side(path: str | Path, dtype: torch.dtype | None = None) -> Model
     if any(t.is_meta for t in tensors):
         return load_checkpoint(path, dtype)
     model.eval()
-    return ModelBundle(model, None, ImageProcessing(AutoImageProcessor.from_pretrained(path)))
+    image_processor = AutoImageProcessor.from_pretrained(path)
+    check_preprocessing(config, image_processor, path)
+    return ModelBundle(model, None, ImageProcessing(image_processor))
 
 
 def image_side_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ binary head. A missing LLM or vision tensor is a DxError, never a silently rando
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,32 +13,40 @@ from typing import Any
 import torch
 
 from dxcli.base import template
-from dxcli.base.errors import DxError
+from dxcli.base.errors import DxError, first_line
 from dxcli.config import ModelConfig
-from dxcli.model.build import (VISION_WEIGHT_FILES, ModelBundle, default_dtype, dx_config, make_processor, preview,
-                               set_generation_tokens, summarise, unexpected_note, vision_config_for)
+from dxcli.model.build import (ModelBundle, default_dtype, dx_config, make_processor, preview, set_generation_tokens,
+                               summarise, unexpected_note, vision_config_for)
 from dxcli.model.dxllava import DxLlavaConfig, DxLlavaForConditionalGeneration
+from dxcli.model.original import LoadedLlm, folder_format, load_llava_llm
+from dxcli.model.vision_weights import load_tower, vision_state_dict
+
+log = logging.getLogger(__name__)
 
 
 def compose(cfg: ModelConfig, dtype: torch.dtype | None = None, seed: int = 0) -> ModelBundle:
-    """timm tower (`cfg.vision`, weights from `cfg.vision_weights`) + causal LM (`cfg.llm`);
-    `<image>` (and a pad token if missing) added; projector and head fresh."""
+    """timm tower (`cfg.vision`, weights from `cfg.vision_weights`) + causal LM (`cfg.llm`: a causal
+    LM, or the language model of a LLaVA in the original or transformers' format, see
+    model.original); `<image>` (and a pad token if missing) added; head fresh, projector fresh
+    unless the LLaVA's fits the tower."""
     with hub_access(cfg.download):
         tokenizer = _load_tokenizer(cfg.llm)
-        llm, llm_notes = _load_llm(cfg.llm, dtype)
+        loaded = _load_llm(cfg.llm, dtype)
+        llm = loaded.model
         vision_config, stride = vision_config_for(cfg.vision, {}, cfg.image_size)
-        tower, vision_notes = _load_vision(vision_config, cfg.vision_weights, llm.dtype)
-    _add_special_tokens(tokenizer)
+        tower, vision_notes = _load_vision(vision_config, cfg, llm.dtype)
+    add_special_tokens(tokenizer)
 
     config = dx_config(vision_config, llm.config, tokenizer.convert_tokens_to_ids(template.IMAGE_TOKEN),
                         (cfg.image_size // stride) ** 2, cfg.head_hidden)
     model = _assemble(config, tower, llm, seed)
+    projector_notes = _start_projector(model, loaded, cfg.llm)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.generation_config = llm.generation_config
     set_generation_tokens(model, tokenizer)
     bundle = ModelBundle(model, tokenizer, make_processor(tokenizer, cfg.image_size, stride),
-                         notes=llm_notes + vision_notes)
+                         notes=loaded.notes + projector_notes + vision_notes)
     summarise(bundle, f"composed: vision {cfg.vision} + llm {cfg.llm}")
     return bundle
 
@@ -68,6 +77,30 @@ def _assemble(config: DxLlavaConfig, tower: Any, llm: Any, seed: int) -> DxLlava
     return model
 
 
+def _start_projector(model: DxLlavaForConditionalGeneration, loaded: LoadedLlm, llm: str) -> list[str]:
+    """A LLaVA's projector starts the projector when its shapes fit (input width = the tower's);
+    else one line says a fresh one is trained, as the original run from LLaVA-1.5 did (its CLIP
+    ViT projector takes 1024-wide features, the paper's ConvNeXt gives 1536). Nothing to say for a
+    plain causal LM."""
+    if not loaded.projector and not loaded.no_projector:
+        return []
+    own = model.model.multi_modal_projector
+    width = own.linear_1.in_features
+    theirs = loaded.projector.get("linear_1.weight")
+    fits = {k: tuple(t.shape) for k, t in loaded.projector.items()} == {k: tuple(t.shape) for k, t in
+                                                                         own.state_dict().items()}
+    if fits:
+        own.load_state_dict({k: t.to(own.linear_1.weight.dtype) for k, t in loaded.projector.items()})
+        note = f"model.llm {llm}: the projector starts from its projector ({width} -> {own.linear_1.out_features})"
+    elif theirs is not None:
+        note = (f"model.llm {llm}: its projector takes {theirs.shape[1]}-wide image features and the tower gives "
+                f"{width}: a fresh projector is trained")
+    else:
+        note = f"model.llm {llm}: a fresh projector is trained ({loaded.no_projector})"
+    log.warning(note)
+    return [note]
+
+
 DOWNLOAD_HINT = ("dx loads hub ids from the Hugging Face cache: fetch it once (`hf download {name}`), point the "
                  "key at a local folder, or allow downloads with --set model.download=true")
 
@@ -92,73 +125,72 @@ def _load_tokenizer(llm: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(llm)
     except (OSError, ValueError) as exc:
-        raise DxError(f"could not load the tokenizer of model.llm '{llm}': {_first_line(exc)}. "
+        raise DxError(f"could not load the tokenizer of model.llm '{llm}': {first_line(exc)}. "
                       + DOWNLOAD_HINT.format(name=llm)) from None
 
 
-def _load_llm(llm: str, dtype: torch.dtype | None) -> tuple[Any, list[str]]:
-    """AutoModelForCausalLM with a loading report; any missing key is an error."""
+def _load_llm(llm: str, dtype: torch.dtype | None) -> LoadedLlm:
+    """AutoModelForCausalLM with a loading report, or the language model and projector of a LLaVA
+    (original or llava-hf format, `_llava_source`); any missing key is an error."""
     from transformers import AutoModelForCausalLM
 
+    llava = _llava_source(llm)
+    if llava is not None:
+        return load_llava_llm(*llava, dtype or torch.float32, name=llm)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(llm, output_loading_info=True,
                                                            dtype=dtype or torch.float32)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise DxError(f"could not load the LLM '{llm}': {_first_line(exc)}. " + DOWNLOAD_HINT.format(name=llm)) from None
+        raise DxError(f"could not load the LLM '{llm}': {first_line(exc)}. " + DOWNLOAD_HINT.format(name=llm)) from None
     missing = sorted(info.get("missing_keys") or [])
     mismatched = sorted(str(k) for k in info.get("mismatched_keys") or [])
     if missing or mismatched:
         raise DxError(f"LLM '{llm}' did not load completely: {len(missing)} missing "
                       f"({preview(missing)}), {len(mismatched)} mismatched ({preview(mismatched)}); "
                       "refusing to train a partly random LLM")
-    return model, unexpected_note(f"LLM '{llm}'", info.get("unexpected_keys"))
+    return LoadedLlm(model, unexpected_note(f"LLM '{llm}'", info.get("unexpected_keys")))
 
 
-def _load_vision(vision_config: Any, weights: str | None, dtype: torch.dtype) -> tuple[Any, list[str]]:
-    """A TimmWrapperModel whose timm weights come from `weights`; missing keys are an error."""
+def _llava_source(llm: str) -> tuple[str | Path, str] | None:
+    """(what to load, "original" | "llava-hf") when model.llm is a LLaVA rather than a causal LM,
+    as config.json says; None otherwise (also when no config.json is found: the causal-LM path
+    then says what is missing). An original-format hub id is read from its cached snapshot."""
+    from transformers.utils import cached_file
+
+    local = Path(llm)
+    if not local.is_dir():
+        try:
+            local = Path(cached_file(llm, "config.json")).parent
+        except (OSError, ValueError, TypeError):
+            return None
+    kind = folder_format(local)
+    if kind is None:
+        return None
+    if kind == "llava-hf" or Path(llm).is_dir():
+        return (llm if kind == "llava-hf" else local), kind
+    from huggingface_hub import snapshot_download
+
+    try:  # LLaVA's own format is no transformers model: its files are read directly
+        return Path(snapshot_download(llm, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model"])), kind
+    except Exception as exc:  # noqa: BLE001 - hub and cache failures come in many types
+        raise DxError(f"could not get model.llm '{llm}': {first_line(exc)}. "
+                      + DOWNLOAD_HINT.format(name=llm)) from None
+
+
+def _load_vision(vision_config: Any, cfg: ModelConfig, dtype: torch.dtype) -> tuple[Any, list[str]]:
+    """A TimmWrapperModel whose timm weights come from `cfg.vision_weights` (timm's or open_clip's,
+    see model.vision_weights); a missing or misshapen tensor is an error."""
     from transformers import TimmWrapperModel
 
-    state = _vision_state_dict(vision_config.architecture, weights)
+    arch = vision_config.architecture
+    state, notes = vision_state_dict(arch, cfg.vision_weights, cfg.image_size, cfg.download)
     with default_dtype(dtype):
         tower = TimmWrapperModel(vision_config)
-    missing, unexpected = tower.timm_model.load_state_dict(state, strict=False)
-    source = weights or f"timm's pretrained {vision_config.architecture}"
-    if missing:
-        raise DxError(f"vision weights '{source}' do not fit {vision_config.architecture}: "
-                      f"{len(missing)} missing ({preview(missing)})")
-    return tower, unexpected_note(f"vision weights '{source}'", unexpected)
+    source = cfg.vision_weights or f"timm's pretrained {arch}"
+    return tower, notes + load_tower(tower.timm_model, state, source, arch)
 
 
-def _vision_state_dict(arch: str, weights: str | None) -> dict[str, torch.Tensor]:
-    """timm-format state dict from a local file/folder, a hub id, or timm's default weights."""
-    import timm
-    from timm.models import load_state_dict
-
-    local = Path(weights) if weights else None
-    if local is not None and local.exists():
-        file = local if local.is_file() else next((local / n for n in VISION_WEIGHT_FILES if (local / n).is_file()), None)
-        if file is None:
-            raise DxError(f"no weights file ({', '.join(VISION_WEIGHT_FILES)}) in {local}")
-        try:
-            state = load_state_dict(str(file))
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-            raise DxError(f"could not read vision weights {file}: {exc}") from None
-        # HF TimmWrapper folders prefix every key with `timm_model.`
-        return {k.removeprefix("timm_model."): v for k, v in state.items()}
-    looks_like_file = weights is not None and Path(weights).suffix in (".safetensors", ".pth", ".pt", ".bin")
-    if weights is not None and (looks_like_file or weights.count("/") != 1):
-        raise DxError(f"vision weights not found: '{weights}' is neither a local file/folder nor a hub id")
-    overlay = {"hf_hub_id": weights, "source": "hf-hub"} if weights else None
-    try:
-        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay).state_dict()
-    except Exception as exc:  # noqa: BLE001 - network/hub failures come in many types
-        where = weights or "timm's default source"
-        raise DxError(f"could not load vision weights for {arch} from {where}: {_first_line(exc)}. "
-                      "Give a local file with model.vision_weights, or " + DOWNLOAD_HINT.format(name=weights or arch)
-                      .removeprefix("dx loads hub ids from the Hugging Face cache: ")) from None
-
-
-def _add_special_tokens(tokenizer: Any) -> None:
+def add_special_tokens(tokenizer: Any) -> None:
     """`<image>` as a special token; a pad token if missing (unk when there is one, as LLaVA does)."""
     from tokenizers import AddedToken
 
@@ -171,6 +203,3 @@ def _add_special_tokens(tokenizer: Any) -> None:
         else:
             tokenizer.add_special_tokens({"pad_token": "<pad>"})
 
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__

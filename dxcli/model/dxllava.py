@@ -28,9 +28,20 @@ class DxLlavaConfig(FastVlmConfig):
     (`AutoModelForImageTextToText`, no remote code): that loads everything but the binary head,
     which it reports as unused tensors; dx reads the head too. `head_hidden` in config.json is
     what marks the folder as a dx checkpoint.
+
+    Two fields keep what a model imported from the original code computes (METHOD.md §2;
+    dxcli/model/original.py); their defaults are dx's own behaviour:
+    `head_clamp`: the head's input tokens are clamped to [-head_clamp, head_clamp] before the mean
+    (the original clamps at 10; None = no clamp). Only the head sees the clamp: the LLM still gets
+    the projected tokens as they are.
+    `image_aspect_ratio`: "crop" (shortest side resized, centre crop) or "pad" (padded to a square
+    with the mean colour first, LLaVA's `expand2square`); the saved image processor does it, this
+    field records it so a mismatching processor is caught on load.
     """
 
     head_hidden: int = 512
+    head_clamp: float | None = None
+    image_aspect_ratio: str = "crop"
 
 
 @dataclass
@@ -70,6 +81,8 @@ class DxLlavaForConditionalGeneration(FastVlmForConditionalGeneration):
 
     def head_logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """Binary (fake) logit per image [B] from projected image tokens [B, N, d]."""
+        if self.config.head_clamp is not None:  # an imported original model's head (see DxLlavaConfig)
+            features = features.clamp(-self.config.head_clamp, self.config.head_clamp)
         return self.binary_head(features.mean(dim=1)).squeeze(-1)
 
     def prompt_embeds(

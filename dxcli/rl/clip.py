@@ -8,7 +8,8 @@
   only). Needs `pip install "dxcli[clip]"`. A tag's weights are read from the local cache (the
   Hugging Face hub cache, or ~/.cache/clip for open_clip's URL-hosted ones): nothing is downloaded
   while training, so a missing file fails in one line with the command that fetches it. With
-  model.download=true the parent process fetches it once, before any worker starts.
+  model.download=true the parent process fetches it once, before any worker starts. The same
+  spec, file or tag serves as model.vision_weights, the DX-LLaVA tower (model/vision_weights.py).
 
 Either way the embeddings are unit-norm float32, an image is embedded once and reused for every
 keyword, and all keywords of a step go through one batched text pass.
@@ -17,22 +18,19 @@ keyword, and all keywords of a step go through one batched text pass.
 from __future__ import annotations
 
 import importlib.util
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dxcli.base.errors import DxError
+from dxcli.base.errors import DxError, first_line
+
+# The spec and its cache lookup are shared with the vision tower, a layer down (one file serves both)
+from dxcli.model.open_clip_spec import (OPEN_CLIP_INSTALL, cached_tag_file, check_open_clip_files, hub_offline,
+                                        import_open_clip, is_weights_path, parse_open_clip, registered_arch)
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
-
-OPEN_CLIP_PREFIX = "open_clip:"
-OPEN_CLIP_INSTALL = 'pip install "dxcli[clip]"'
-WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors", ".npz")
 
 
 class ClipScorer:
@@ -62,7 +60,7 @@ class ClipScorer:
             tokenizer = AutoTokenizer.from_pretrained(source)
             image_processor = AutoImageProcessor.from_pretrained(source)
         except (OSError, ValueError, KeyError) as exc:
-            raise DxError(f"cannot load a CLIP model from '{source}': {_first_line(exc)}") from None
+            raise DxError(f"cannot load a CLIP model from '{source}': {first_line(exc)}") from None
         return cls(model, tokenizer, image_processor, device, name=f"CLIPModel {source}")
 
     def image_embeddings(self, images: list[Image.Image]) -> torch.Tensor:
@@ -144,15 +142,15 @@ class OpenClipScorer(ClipScorer):
         come from the local cache unless `download` (the hub is offline for open_clip otherwise)."""
         spec = str(spec)
         parsed = parse_open_clip(spec)
-        open_clip = _import_open_clip(spec)
+        open_clip = import_open_clip(f"--clip {spec}")
         arch = registered_arch(open_clip, parsed.arch)
         try:
-            with _hub_offline() if not download else nullcontext():
+            with hub_offline() if not download else nullcontext():
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     arch, pretrained=parsed.local_pretrained(), device=device)
             tokenizer = open_clip.get_tokenizer(arch)
         except (RuntimeError, OSError, ValueError, KeyError) as exc:
-            raise DxError(f"cannot load open_clip model '{spec}': {_first_line(exc)}") from None
+            raise DxError(f"cannot load open_clip model '{spec}': {first_line(exc)}") from None
         return cls(model, tokenizer, preprocess, device,
                    name=f"open_clip {arch} ({parsed.pretrained or 'random weights'})")
 
@@ -172,28 +170,6 @@ class OpenClipScorer(ClipScorer):
             return _unit(self.model.encode_text(self.tokenizer(texts).to(self.device)))
 
 
-@dataclass(frozen=True)
-class OpenClipSpec:
-    arch: str  # a built-in open_clip name or a path to a model-config JSON
-    pretrained: str | None  # an open_clip tag or a local weights file; None: random weights
-
-    def local_pretrained(self) -> str | None:
-        """`pretrained` with a file path expanded (open_clip takes a tag or an existing file)."""
-        if self.pretrained and _is_path(self.pretrained):
-            return str(Path(self.pretrained).expanduser())
-        return self.pretrained
-
-
-def parse_open_clip(spec: str) -> OpenClipSpec | None:
-    """The parts of `open_clip:ARCH[:PRETRAINED_OR_FILE]`; None for a transformers CLIP."""
-    if not spec.startswith(OPEN_CLIP_PREFIX):
-        return None
-    arch, _, pretrained = spec[len(OPEN_CLIP_PREFIX):].partition(":")
-    if not arch:
-        raise DxError(f"--clip {spec}: name the architecture: open_clip:ARCH[:PRETRAINED_OR_FILE]")
-    return OpenClipSpec(arch, pretrained or None)
-
-
 def check_clip_spec(spec: str, download: bool = False) -> None:
     """What can be checked before any worker starts, without loading a model: the spec's form, the
     open_clip extra, local files, and that an open_clip tag's weights are in the local cache
@@ -205,13 +181,11 @@ def check_clip_spec(spec: str, download: bool = False) -> None:
         return
     if importlib.util.find_spec("open_clip") is None:
         raise DxError(f"--clip {spec} needs open_clip: {OPEN_CLIP_INSTALL}")
-    if parsed.arch.endswith(".json") and not Path(parsed.arch).expanduser().is_file():
-        raise DxError(f"--clip {spec}: no such open_clip model config: {parsed.arch}")
-    weights = parsed.local_pretrained()
-    if weights and _is_path(weights) and not Path(weights).is_file():
-        raise DxError(f"--clip {spec}: no such weights file: {weights}")
-    if weights and not _is_path(weights):
-        _check_cached_tag(spec, parsed, download)
+    check_open_clip_files(f"--clip {spec}", parsed)
+    if parsed.pretrained and not is_weights_path(parsed.pretrained):  # a tag: its file must be cached
+        import open_clip
+
+        cached_tag_file(f"prpo.clip={spec}", registered_arch(open_clip, parsed.arch), parsed.pretrained, download)
 
 
 def load_clip(spec: str | Path, device: Any = "cpu", download: bool = False) -> ClipScorer:
@@ -222,103 +196,6 @@ def load_clip(spec: str | Path, device: Any = "cpu", download: bool = False) -> 
         return OpenClipScorer.load(spec, device, download)
     return ClipScorer.load(spec, device)
 
-
-@dataclass(frozen=True)
-class TagWeights:
-    """Where an open_clip tag's weights live once fetched, and the one command that fetches them."""
-
-    cached: str | None  # the local file, None when not fetched yet
-    where: str  # what was looked at (the cache folder)
-    fetch: str  # a shell command that fetches exactly what open_clip reads
-
-
-def tag_weights(arch: str, tag: str) -> TagWeights:
-    """Look up `tag`'s weights as open_clip's own download would, without any network access: a
-    Hugging Face repo file in the hub cache (open_clip prefers its .safetensors twin), or a URL
-    file in ~/.cache/clip."""
-    import open_clip
-    from open_clip import pretrained as registry
-
-    cfg = open_clip.get_pretrained_cfg(arch, tag)
-    if not cfg:
-        known = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
-        raise DxError(f"open_clip:{arch}:{tag}: open_clip knows no such weights (tags for {arch}: {known})")
-    if cfg.get("file"):  # registered with a local file: open_clip reads it as is
-        file = Path(cfg["file"])
-        return TagWeights(str(file) if file.is_file() else None, str(file.parent), f"restore {file}")
-    if cfg.get("hf_hub"):
-        import huggingface_hub.constants as hub
-        from huggingface_hub import try_to_load_from_cache
-
-        repo, filename = os.path.split(cfg["hf_hub"])  # 'org/name/' names the repo's default file
-        filename = filename or registry.HF_WEIGHTS_NAME
-        twins = getattr(registry, "_get_safe_alternatives", lambda name: ())(filename)
-        found = [hit for name in (*twins, filename)
-                 if isinstance(hit := try_to_load_from_cache(repo, name, cache_dir=hub.HF_HUB_CACHE), str)]
-        return TagWeights(found[0] if found else None, f"the Hugging Face cache {hub.HF_HUB_CACHE}",
-                          f"hf download {repo} {filename}")
-    target = Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"])  # open_clip's URL cache
-    fetch = f"python -c \"import open_clip; open_clip.create_model('{arch}', pretrained='{tag}')\""
-    return TagWeights(str(target) if target.is_file() else None, str(target.parent), fetch)
-
-
-def _check_cached_tag(spec: str, parsed: OpenClipSpec, download: bool) -> None:
-    """One line naming the fetch command when a tag's weights are not local (or fetch them)."""
-    import open_clip
-
-    arch = registered_arch(open_clip, parsed.arch)
-    found = tag_weights(arch, parsed.pretrained)
-    if found.cached:
-        return
-    if not download:
-        raise DxError(f"prpo.clip={spec}: its weights are not in {found.where} and dx downloads nothing while "
-                      f"training; fetch them once: {found.fetch} (or let dx train fetch them: --set model.download=true)")
-    from open_clip import pretrained as registry
-
-    try:  # here, in the parent process, once: the workers then read the cache
-        registry.download_pretrained(open_clip.get_pretrained_cfg(arch, parsed.pretrained))
-    except Exception as exc:  # noqa: BLE001 - any failed fetch ends the same way, in one line
-        raise DxError(f"prpo.clip={spec}: could not download its weights ({_first_line(exc)}); "
-                      f"fetch them by hand: {found.fetch}") from None
-
-
-def registered_arch(open_clip: Any, arch: str) -> str:
-    """The open_clip model name of `arch`; a config JSON of one's own is registered under its stem."""
-    if arch.endswith(".json"):
-        open_clip.add_model_config(Path(arch).expanduser())
-        return Path(arch).stem
-    return arch
-
-
-@contextmanager
-def _hub_offline() -> Iterator[None]:
-    """The Hugging Face hub offline for what runs inside (open_clip fetches through it): a cached
-    file loads, a missing one fails at once. model.compose.hub_access does the same for the model;
-    importing it here would load torch with this module."""
-    import huggingface_hub.constants as hub
-
-    previous, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, True
-    try:
-        yield
-    finally:
-        hub.HF_HUB_OFFLINE = previous
-
-
-def _import_open_clip(spec: str) -> Any:
-    try:
-        import open_clip
-    except ImportError:
-        raise DxError(f"--clip {spec} needs open_clip: {OPEN_CLIP_INSTALL}") from None
-    return open_clip
-
-
-def _is_path(value: str) -> bool:
-    """A weights file rather than an open_clip tag (tags have no slashes nor file suffixes)."""
-    return "/" in value or value.startswith(("~", ".")) or value.endswith(WEIGHT_SUFFIXES)
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _unit(features: Any) -> torch.Tensor:
