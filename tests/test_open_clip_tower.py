@@ -217,3 +217,30 @@ def test_another_image_size_loads_with_a_note(clip):
 
 class Pickled:
     """Not a tensor: torch.load(weights_only=True) refuses to rebuild it."""
+
+
+def test_a_composed_run_finds_its_sources_in_the_parent_before_any_worker(empty_hub_cache, tmp_path):
+    """Missing open_clip weights, or an LLM hub id not in the cache, stop `dx train align` in one
+    line before any worker is launched (no worker log, no rank-by-rank repeats)."""
+    from typer.testing import CliRunner
+
+    from dxcli.cli.main import app
+    from helpers_images import make_tree
+
+    make_tree(tmp_path / "data", n=2, domains=("alpha",))
+    compose_keys = ["model.preset=compose", "model.vision=convnext_atto", "model.image_size=64"]
+    cases = {
+        "open_clip:convnext_large_d_320:laion2b_s29b_b131k_ft_soup": "hf download",  # tag not cached
+        str(tmp_path / "nowhere.bin"): "vision weights not found",
+    }
+    for number, (weights, expected) in enumerate(cases.items()):
+        out = tmp_path / f"run{number}"
+        sets = [*compose_keys, f"model.vision_weights={weights}", f"model.llm={tmp_path}"]
+        result = CliRunner().invoke(app, ["train", "align", "--data", str(tmp_path / "data"), "--out", str(out),
+                                          *[arg for key in sets for arg in ("--set", key)]])
+        assert result.exit_code == 1 and expected in result.output, result.output
+        assert not list(out.glob("**/worker*.log")) and "Traceback" not in result.output
+    sets = [*compose_keys, "model.llm=some-org/not-cached-llm"]
+    result = CliRunner().invoke(app, ["train", "align", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r"),
+                                      *[arg for key in sets for arg in ("--set", key)]])
+    assert result.exit_code == 1 and "not in the Hugging Face cache" in result.output, result.output

@@ -16,6 +16,7 @@ from dxcli.base.jsonio import write_jsonl_atomic
 from dxcli.data.records import default_reasoning, find_bad_images, load_records, records_from_tree
 from dxcli.jobs.nodes import forget_ready
 from dxcli.model.checkpoint import build_model, resolve_model_path, save_checkpoint
+from dxcli.model.compose import check_sources
 from dxcli.runtime.env import quiet_libraries
 from dxcli.training.state import checkpoint_tags
 from dxcli.runtime.trackers import check_installed
@@ -140,6 +141,7 @@ def starting_model(model: str | None, config: cfgmod.DxConfig, run_dir: Path, te
     if model is not None:
         return model
     if config.model.preset != "tiny":
+        check_sources(config.model)  # here, once: a missing file is one line before any worker starts
         return None  # composed inside the workers from config.model
     base = Path(run_dir) / "base-model"
     if not (base / "config.json").is_file():

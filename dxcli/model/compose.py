@@ -19,7 +19,7 @@ from dxcli.model.build import (ModelBundle, default_dtype, dx_config, make_proce
                                summarise, unexpected_note, vision_config_for)
 from dxcli.model.dxllava import DxLlavaConfig, DxLlavaForConditionalGeneration
 from dxcli.model.original import LoadedLlm, folder_format, load_llava_llm
-from dxcli.model.vision_weights import load_tower, vision_state_dict
+from dxcli.model.vision_weights import load_tower, locate_vision_weights, vision_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,22 @@ def compose(cfg: ModelConfig, dtype: torch.dtype | None = None, seed: int = 0) -
                          notes=loaded.notes + projector_notes + vision_notes)
     summarise(bundle, f"composed: vision {cfg.vision} + llm {cfg.llm}")
     return bundle
+
+
+def check_sources(cfg: ModelConfig) -> None:
+    """Before workers compose a model: the LLM is a local folder or in the Hugging Face cache
+    (unless model.download lets each worker fetch it, under the hub's own file locks), and open_clip
+    vision weights are on disk (fetched here, once, with model.download). One line on failure."""
+    import huggingface_hub.constants as hub
+    from huggingface_hub import try_to_load_from_cache
+
+    locate_vision_weights(cfg.vision_weights, cfg.download)
+    llm = str(cfg.llm)
+    if cfg.download or Path(llm).expanduser().exists() or llm.count("/") != 1:
+        return
+    if not isinstance(try_to_load_from_cache(llm, "config.json", cache_dir=hub.HF_HUB_CACHE), str):
+        raise DxError(f"model.llm '{llm}' is not a local folder and not in the Hugging Face cache "
+                      f"{hub.HF_HUB_CACHE}. " + DOWNLOAD_HINT.format(name=llm))
 
 
 def _assemble(config: DxLlavaConfig, tower: Any, llm: Any, seed: int) -> DxLlavaForConditionalGeneration:

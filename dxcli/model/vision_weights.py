@@ -71,6 +71,14 @@ def vision_state_dict(arch: str, weights: str | None, image_size: int,
     return state, _image_size_note(vision_cfg, image_size, weights) if vision_cfg is not None else []
 
 
+def locate_vision_weights(weights: str | None, download: bool) -> None:
+    """Find (with `download`, fetch) an open_clip `model.vision_weights` file once, in the parent
+    process before any worker starts: a missing file is one line there, not one per rank, and
+    with model.download=true one process fetches it while the workers only read the cache."""
+    if weights is not None and not _is_timm_hub_id(weights):
+        _weights_file(weights, download)
+
+
 def check_tower_arch(arch: str, vision_cfg: Mapping[str, Any], source: str) -> None:
     """`arch` (model.vision) must be the timm model open_clip wraps: its very name, or timm's
     `NAME_mlp` when open_clip adds its MLP projection (timm publishes the paper CLIP's tower,
