@@ -398,3 +398,14 @@ def test_reason_against_a_real_dx_serve(taught, dx_serve, tmp_path):
     accepted = list(iter_jsonl(out)) if summary["accepted"] else []
     labels = {row["image"]: row["image"].split("/")[2] for row in accepted}
     assert all(check_reply(row["reasoning"], labels[row["image"]], ReplyRules()) is None for row in accepted)
+
+
+def test_a_max_tokens_the_server_refuses_stops_the_run_in_one_line(taught, dx_serve, tmp_path):
+    """`dx serve` answers 400 to a max_tokens over its --max-new-tokens: the same for every image,
+    so the run stops at once and names the flag, rather than rejecting image after image."""
+    out = tmp_path / "reasoning.jsonl"
+    result = run_cli([str(taught["tree"]), "--teacher", dx_serve, "--model", "model", "--out", str(out),
+                      "--max-tokens", "100000", "--reask", "0", "--limit", "4"])
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "--max-tokens 100000" in result.stderr and len(result.stderr.strip().splitlines()) <= 2, result.stderr
+    assert not out.exists() or not out.read_text().strip()

@@ -350,6 +350,10 @@ def _request_failure(exc: Exception, teacher: Teacher) -> str:
     if isinstance(exc, openai.NotFoundError):
         raise DxError(f"the teacher at {teacher.url} answered 404 for model {teacher.model!r} ({_short(exc)}): "
                       "is that model served there, and is the URL its base URL (often ending in /v1)?")
+    if isinstance(exc, openai.BadRequestError) and "max_tokens" in f"{exc.code} {exc.param} {exc.message}":
+        # the same for every image: refusing them one by one would only hide it in the summary
+        raise DxError(f"the teacher at {teacher.url} refuses --max-tokens {teacher.max_tokens} ({_short(exc)}); "
+                      "lower --max-tokens to what it serves")
     if isinstance(exc, openai.APIStatusError):
         return f"error: the teacher answered {exc.status_code} ({_short(exc)})"
     return f"error: {type(exc).__name__} ({_short(exc)})"
