@@ -298,3 +298,22 @@ def test_records_questions_and_training_data_read_the_tree_in_place(tmp_path: Pa
     # what `dx train ... --data TREE` builds (dxcli/jobs/prepare.py): ForenSynths' train is ProGAN
     train = records_from_tree(root, splits=("train",), reasoning=default_reasoning(root))
     assert len(train) == 8 and {r.domain for r in train} == {"progan"}
+
+
+def test_records_pointing_into_the_fields_layouts_take_their_labels_from_the_path(tmp_path):
+    """A LLaVA-format records file whose images sit in a GenImage or ForenSynths tree, without
+    `binary_label`: the label comes from the `ai`/`nature`/`0_real`/`1_fake` folder; the domain is
+    not guessed from a subset or category folder."""
+    rows = [{"image": image, "conversations": [{"from": "human", "value": "<image>\nq"},
+                                               {"from": "gpt", "value": "**Look**: fine.\n\n### Answer: real"}]}
+            for image in ("sdv14/imagenet_ai/train/ai/x.png", "progan/train/airplane/0_real/y.png",
+                          "alpha/train/fake/z.png")]
+    for row in rows:
+        images(tmp_path / "root" / Path(row["image"]).parent, n=1, prefix=Path(row["image"]).stem)
+        row["image"] = str(Path(row["image"]).parent / f"{Path(row['image']).stem}_0.png")
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps(rows))
+    records = load_records(path, tmp_path / "root")
+    assert [r.binary_label for r in records] == [1, 0, 1]  # the path's label, not the answer's `real`
+    assert [r.domain for r in records][2] == "alpha"
+    assert all(r.domain not in ("imagenet_ai", "airplane") for r in records)

@@ -98,12 +98,15 @@ def scan_tree(root: Path) -> tuple[list[TreeImage], list[str]]:
 def parse_tree_path(rel: str) -> tuple[str | None, str | None, str | None]:
     """(domain, split, label) read from a path like `[prefix/]domain/split/label/file`.
 
-    Each part is None when the path does not show it; a lone label folder still gives the label.
+    Each part is None when the path does not show it; a lone label folder still gives the label,
+    and the field's label folders (`0_real`, `1_fake`, `nature`, `ai`) give theirs, so records that
+    point into a ForenSynths or GenImage tree get their labels from their paths too (not their
+    domains: in those layouts the folder above the split is a category or a subset).
     """
     parts = PurePosixPath(rel.replace("\\", "/")).parts[:-1]
     for i in range(len(parts) - 1, 0, -1):
         if parts[i] in LABELS and parts[i - 1] in SPLITS:
             domain = parts[i - 2] if i >= 2 else None
             return domain, parts[i - 1], parts[i]
-    label = next((part for part in reversed(parts) if part in LABELS), None)
+    label = next((LABEL_OF[part] for part in reversed(parts) if part in LABEL_OF), None)
     return None, None, label
