@@ -194,3 +194,32 @@ def test_other_commands_say_to_import_first_and_the_cli_imports(original, tmp_pa
     assert "imported" in result.output and load_checkpoint(tmp_path / "cli").model.config.head_clamp == 10.0
     result = runner.invoke(app, ["model", "import", str(original["src"]), "--out", str(tmp_path / "cli")])
     assert result.exit_code == 2 and [line for line in result.output.splitlines() if line.startswith("error:")]
+
+
+def test_the_import_detects_evaluates_and_continues_with_prpo(original, tmp_path):
+    """What the original's users could not do: detect with their model, evaluate it, continue it with
+    PRPO. The imported folder goes through each command; PRPO's saved model keeps the clamp."""
+    from dxcli.cli.main import app
+    from helpers_images import make_tree
+
+    runner, tree = CliRunner(), tmp_path / "tree"
+    make_tree(tree, n=2, domains=("alpha",))
+    image = next((tree / "alpha" / "test" / "fake").iterdir())
+    model = str(original["out"])
+    result = runner.invoke(app, ["detect", str(image), "--model", model, "--json", "--set", "eval.max_new_tokens=8"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.output.strip().splitlines()[-1])
+    assert 0.0 <= row["head_prob"] <= 1.0 and row["error"] is None
+    questions = tmp_path / "q.jsonl"
+    assert runner.invoke(app, ["questions", "gen", str(tree), "--out", str(questions), "--split", "test"]).exit_code == 0
+    answers = tmp_path / "answers.jsonl"
+    result = runner.invoke(app, ["eval", "infer", "--model", model, "--questions", str(questions), "--images", str(tree),
+                                 "--out", str(answers), "--set", "eval.max_new_tokens=8"])
+    assert result.exit_code == 0, result.output
+    assert len(answers.read_text().splitlines()) == len(questions.read_text().splitlines())
+    run = tmp_path / "prpo"
+    result = runner.invoke(app, ["train", "prpo", "--data", str(tree), "--model", model, "--out", str(run),
+                                 "--set", "train.max_steps=1", "--set", "prpo.max_new_tokens=8",
+                                 "--set", "prpo.guard=false"])
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(run / "model").model.config.head_clamp == 10.0
