@@ -134,7 +134,7 @@ def test_detect_head_only_is_consistent_with_the_head(trained, demo_root):
 
 
 def test_plain_transformers_loads_the_model_and_generates_dx_text(trained, demo_root):
-    """The README's lines: Auto classes, no remote code, the saved chat template; same greedy text
+    """The lines of docs/interop.md: Auto classes, no remote code, the saved chat template; same greedy text
     as dx's own generate. The weights file is as readable as the other files of the folder."""
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -1,4 +1,4 @@
-"""The package's layering, read from the source with `ast` (docs: README "Layout of the code").
+"""The package's layering, read from the source with `ast` (docs: docs/code.md).
 
 base -> config -> data -> model -> runtime -> rl -> training | evaluation -> jobs -> pipeline -> cli | server:
 each layer imports only the layers below it; training and evaluation never import each other, nor do

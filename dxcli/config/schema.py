@@ -24,7 +24,7 @@ class TinyModelConfig:
 @dataclass
 class LoraConfig:
     """LoRA adapters (peft) on the LLM only (dxcli.model.lora); PRPO's KL reference is then the policy
-    with adapters off. No QLoRA: bitsandbytes' 4-bit CPU path failed in no-grad forwards (README)."""
+    with adapters off. No QLoRA: bitsandbytes' 4-bit CPU path failed in no-grad forwards (docs/lora.md)."""
 
     r: int = 0  # adapter rank; 0 = off (full fine-tuning of the LLM)
     alpha: float = 16.0  # scaling = alpha / r
