@@ -11,7 +11,7 @@ from dxcli.base.errors import DxError
 from dxcli.base.images import load_rgb
 from dxcli.base.template import DEFAULT_QUESTION
 from dxcli.config import DxConfig
-from dxcli.evaluation.detections import Detection, expand_inputs  # noqa: F401 (re-exported)
+from dxcli.evaluation.detections import Detection
 from dxcli.model.build import ModelBundle
 from dxcli.model.checkpoint import load_checkpoint, load_image_side, resolve_model_path
 from dxcli.model.generate import encode_images, generate

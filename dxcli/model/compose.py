@@ -5,8 +5,6 @@ binary head. A missing LLM or vision tensor is a DxError, never a silently rando
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from dxcli.config import ModelConfig
 from dxcli.model.build import (ModelBundle, default_dtype, dx_config, make_processor, preview, set_generation_tokens,
                                summarise, unexpected_note, vision_config_for)
 from dxcli.model.dxllava import DxLlavaConfig, DxLlavaForConditionalGeneration
+from dxcli.model.hub import cached_hub_file, hub_access
 from dxcli.model.original import LoadedLlm, folder_format, load_llava_llm
 from dxcli.model.vision_weights import load_tower, locate_vision_weights, vision_state_dict
 
@@ -56,13 +55,12 @@ def check_sources(cfg: ModelConfig) -> None:
     (unless model.download lets each worker fetch it, under the hub's own file locks), and open_clip
     vision weights are on disk (fetched here, once, with model.download). One line on failure."""
     import huggingface_hub.constants as hub
-    from huggingface_hub import try_to_load_from_cache
 
     locate_vision_weights(cfg.vision_weights, cfg.download)
     llm = str(cfg.llm)
     if cfg.download or Path(llm).expanduser().exists() or llm.count("/") != 1:
         return
-    if not isinstance(try_to_load_from_cache(llm, "config.json", cache_dir=hub.HF_HUB_CACHE), str):
+    if cached_hub_file(llm, "config.json") is None:
         raise DxError(f"model.llm '{llm}' is not a local folder and not in the Hugging Face cache "
                       f"{hub.HF_HUB_CACHE}. " + DOWNLOAD_HINT.format(name=llm))
 
@@ -119,20 +117,6 @@ def _start_projector(model: DxLlavaForConditionalGeneration, loaded: LoadedLlm, 
 
 DOWNLOAD_HINT = ("dx loads hub ids from the Hugging Face cache: fetch it once (`hf download {name}`), point the "
                  "key at a local folder, or allow downloads with --set model.download=true")
-
-
-@contextmanager
-def hub_access(download: bool) -> Iterator[None]:
-    """Without `download`, the hub is offline for transformers and timm alike: a missing file is
-    an immediate error rather than a minute of connection retries on a machine without network."""
-    import huggingface_hub.constants as hub
-
-    previous = hub.HF_HUB_OFFLINE
-    hub.HF_HUB_OFFLINE = previous or not download
-    try:
-        yield
-    finally:
-        hub.HF_HUB_OFFLINE = previous
 
 
 def _load_tokenizer(llm: str) -> Any:

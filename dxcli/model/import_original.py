@@ -17,10 +17,7 @@ from dxcli.model.build import (ModelBundle, dx_config, make_processor, preview, 
                                vision_config_for)
 from dxcli.model.compose import add_special_tokens
 from dxcli.model.dxllava import DxLlavaForConditionalGeneration
-from dxcli.model.vision_weights import vision_state_dict
-
-OPEN_CLIP_PREFIX = "hf-hub:"  # how the original names an open_clip tower (clip_encoder.py: use_openclip)
-
+from dxcli.model.vision_weights import HF_HUB_PREFIX, vision_state_dict
 
 def import_original(src: str | Path, cfg: ModelConfig, aspect_ratio: str | None = None) -> ModelBundle:
     """The DX-LLaVA in folder `src` (original format) as a dx ModelBundle, ready to save.
@@ -138,7 +135,7 @@ def original_aspect_ratio(config: dict[str, Any]) -> tuple[str, str]:
     `image_aspect_ratio: pad` only acts in their fallback path (LLaVA's expand2square), taken when
     open_clip's transform is missing. Other towers follow `image_aspect_ratio`."""
     tower = str(config.get("mm_vision_tower", ""))
-    if tower.startswith(OPEN_CLIP_PREFIX):
+    if tower.startswith(HF_HUB_PREFIX):  # how the original names an open_clip tower (clip_encoder.py)
         return "crop", ("images: resized and centre-cropped, as the original's training and evaluation did with "
                         "its open_clip tower (its config's image_aspect_ratio applies only when open_clip's "
                         "preprocessing is missing); --pad pads to a square instead")
@@ -171,7 +168,7 @@ def assemble(config: dict[str, Any], state: dict[str, torch.Tensor], trunk: dict
         names = [original.original_name(k) for k in sorted(result.unexpected_keys)]
         raise DxError(f"{src}: {len(names)} tensors fit nowhere in DX-LLaVA ({preview(names)})")
     original.finish_meta_model(model, model.model.language_model, dx.text_config, f"checkpoint {src}")
-    model.generation_config = generation_config(src, model)
+    model.generation_config = original.saved_generation_config(src, model.generation_config)
     set_generation_tokens(model, tokenizer)
     return model.eval(), stride
 
@@ -182,12 +179,3 @@ def dx_tensors(state: dict[str, torch.Tensor], trunk: dict[str, torch.Tensor], v
     tensors.update({original.DX_TRUNK + k: t for k, t in trunk.items()})
     dtype = tensors["lm_head.weight"].dtype if "lm_head.weight" in tensors else torch.float32
     return {k: t.to(dtype) for k, t in original.grow_vocab(tensors, vocab).items()}
-
-
-def generation_config(src: Path, model: DxLlavaForConditionalGeneration) -> Any:
-    """The checkpoint's generation_config.json when it has one, else the model's default."""
-    from transformers import GenerationConfig
-
-    if (src / "generation_config.json").is_file():
-        return GenerationConfig.from_pretrained(src)
-    return model.generation_config

@@ -7,13 +7,12 @@ this module loads neither torch nor transformers: rl.clip stays light for `dx ev
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dxcli.base.errors import DxError, first_line
+from dxcli.model.hub import cached_hub_file
 
 OPEN_CLIP_PREFIX = "open_clip:"
 OPEN_CLIP_INSTALL = 'pip install "dxcli[clip]"'
@@ -101,13 +100,11 @@ def tag_weights(arch: str, tag: str) -> TagWeights:
         return TagWeights(str(file) if file.is_file() else None, str(file.parent), f"restore {file}")
     if cfg.get("hf_hub"):
         import huggingface_hub.constants as hub
-        from huggingface_hub import try_to_load_from_cache
 
         repo, filename = os.path.split(cfg["hf_hub"])  # 'org/name/' names the repo's default file
         filename = filename or registry.HF_WEIGHTS_NAME
         twins = getattr(registry, "_get_safe_alternatives", lambda name: ())(filename)
-        found = [hit for name in (*twins, filename)
-                 if isinstance(hit := try_to_load_from_cache(repo, name, cache_dir=hub.HF_HUB_CACHE), str)]
+        found = [hit for name in (*twins, filename) if (hit := cached_hub_file(repo, name)) is not None]
         return TagWeights(found[0] if found else None, f"the Hugging Face cache {hub.HF_HUB_CACHE}",
                           f"hf download {repo} {filename}")
     target = Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"])  # open_clip's URL cache
@@ -133,17 +130,3 @@ def cached_tag_file(where: str, arch: str, tag: str, download: bool) -> str:
     except Exception as exc:  # noqa: BLE001 - any failed fetch ends the same way, in one line
         raise DxError(f"{where}: could not download its weights ({first_line(exc)}); "
                       f"fetch them by hand: {found.fetch}") from None
-
-
-@contextmanager
-def hub_offline() -> Iterator[None]:
-    """The Hugging Face hub offline for what runs inside (open_clip fetches through it): a cached
-    file loads, a missing one fails at once."""
-    import huggingface_hub.constants as hub
-
-    previous, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, True
-    try:
-        yield
-    finally:
-        hub.HF_HUB_OFFLINE = previous
-

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from dxcli.base import template
-from dxcli.base.errors import DxError
+from dxcli.base.errors import DxError, first_line
 from dxcli.model.build import preview
 from dxcli.model.vision_weights import OPEN_CLIP_TRUNK, timm_state_from_open_clip
 
@@ -108,7 +108,7 @@ def _read_pickle(file: Path) -> dict[str, torch.Tensor]:
             state = torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
         raise DxError(f"cannot read {file} as plain tensors (read with weights_only=True, so it never runs "
-                      f"code): {str(exc).strip().splitlines()[0]}") from None
+                      f"code): {first_line(exc)}") from None
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise DxError(f"{file} does not hold a state dict (name -> tensor)")
     return state
@@ -273,6 +273,15 @@ def original_name(dx_key: str) -> str:
     return dx_key
 
 
+def saved_generation_config(folder: Path, default: Any) -> Any:
+    """The folder's generation_config.json when it has one (the original saves it), else `default`."""
+    from transformers import GenerationConfig
+
+    if (folder / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(folder)
+    return default
+
+
 # ---------------------------------------------------------------- a LLaVA as the starting LLM
 
 
@@ -299,7 +308,7 @@ def load_llava_llm(source: str | Path, kind: str, dtype: torch.dtype, name: str 
 
 def _original_llm(folder: Path, dtype: torch.dtype) -> LoadedLlm:
     """LlavaLlamaForCausalLM's Llama, rebuilt as transformers' LlamaForCausalLM (same tensor names)."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
     config, files = read_config(folder), weight_files(folder)
     if not files:
@@ -312,8 +321,7 @@ def _original_llm(folder: Path, dtype: torch.dtype) -> LoadedLlm:
     llm.load_state_dict({k: t.to(dtype) for k, t in state.items() if k.startswith(llm_names)}, strict=False,
                         assign=True)
     finish_meta_model(llm, llm.base_model, text_config, f"the LLM of model.llm {folder}", original_names=False)
-    if (folder / "generation_config.json").is_file():
-        llm.generation_config = GenerationConfig.from_pretrained(folder)
+    llm.generation_config = saved_generation_config(folder, llm.generation_config)
     projector, why = projector_state(state, config)
     return LoadedLlm(llm, projector={k: t.to(dtype) for k, t in projector.items()}, no_projector=why)
 
@@ -326,7 +334,7 @@ def _llava_hf_llm(source: str, dtype: torch.dtype) -> LoadedLlm:
     try:
         llava, info = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise DxError(f"could not load the LLaVA model.llm '{source}': {str(exc).strip().splitlines()[0]}") from None
+        raise DxError(f"could not load the LLaVA model.llm '{source}': {first_line(exc)}") from None
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise DxError(f"LLaVA model.llm '{source}' did not load completely: {len(missing)} missing "

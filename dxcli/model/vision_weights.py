@@ -26,6 +26,7 @@ import torch
 
 from dxcli.base.errors import DxError, first_line
 from dxcli.model.build import VISION_WEIGHT_FILES, preview, unexpected_note
+from dxcli.model.hub import cached_hub_file
 from dxcli.model.open_clip_spec import (OPEN_CLIP_PREFIX, WEIGHT_SUFFIXES, cached_tag_file, check_open_clip_files,
                                         import_open_clip, is_weights_path, parse_open_clip, registered_arch)
 
@@ -189,13 +190,11 @@ def _hf_hub_file(spec: str, download: bool) -> tuple[Path, dict[str, Any]]:
 
 def _hub_file(where: str, repo: str, names: tuple[str, ...], download: bool) -> Path | None:
     """The first of `names` in the local cache; with `download`, the first the repo has, fetched."""
-    import huggingface_hub.constants as hub
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
     for name in names:
-        hit = try_to_load_from_cache(repo, name, cache_dir=hub.HF_HUB_CACHE)
-        if isinstance(hit, str):  # not None, nor the marker of a file known to be absent
+        if (hit := cached_hub_file(repo, name)) is not None:
             return Path(hit)
     for name in names if download else ():
         try:

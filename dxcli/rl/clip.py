@@ -18,14 +18,14 @@ keyword, and all keywords of a step go through one batched text pass.
 from __future__ import annotations
 
 import importlib.util
-from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dxcli.base.errors import DxError, first_line
+from dxcli.model.hub import hub_access
 
 # The spec and its cache lookup are shared with the vision tower, a layer down (one file serves both)
-from dxcli.model.open_clip_spec import (OPEN_CLIP_INSTALL, cached_tag_file, check_open_clip_files, hub_offline,
+from dxcli.model.open_clip_spec import (OPEN_CLIP_INSTALL, cached_tag_file, check_open_clip_files,
                                         import_open_clip, is_weights_path, parse_open_clip, registered_arch)
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ class OpenClipScorer(ClipScorer):
         open_clip = import_open_clip(f"--clip {spec}")
         arch = registered_arch(open_clip, parsed.arch)
         try:
-            with hub_offline() if not download else nullcontext():
+            with hub_access(download):
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     arch, pretrained=parsed.local_pretrained(), device=device)
             tokenizer = open_clip.get_tokenizer(arch)

@@ -29,7 +29,7 @@ from dxcli.evaluation.detections import Detection
 from dxcli.rl.paragraphs import split_paragraphs
 from dxcli.server.engine import Answer, Busy, Engine, Sampling
 from dxcli.server.inputs import BadRequest, decode_image, image_field_bytes
-from dxcli.server.limits import UploadLimit, error_body
+from dxcli.server.limits import UploadLimit, error_payload
 from dxcli.server.openai_api import ChatRequest, completion, models_list, read_request
 from dxcli.server.options import ServeOptions
 
@@ -163,7 +163,7 @@ def _error(request: Request, exc: Exception) -> JSONResponse:
     else:  # Starlette's own: unknown route, wrong method, malformed multipart
         status, message, code, kind = exc.status_code, str(exc.detail), None, "invalid_request_error"
     headers = {"www-authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(json.loads(error_body(message, code, kind)), status_code=status, headers=headers)
+    return JSONResponse(error_payload(message, code, kind), status_code=status, headers=headers)
 
 
 def create_app(engine: Engine, options: ServeOptions, model_id: str, device: str) -> FastAPI:

@@ -17,8 +17,13 @@ class BodyTooLarge(Exception):
     pass
 
 
+def error_payload(message: str, code: str | None, kind: str = "invalid_request_error") -> dict[str, Any]:
+    """An error in OpenAI's shape, what every route of the server answers with."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
 def error_body(message: str, code: str, kind: str = "invalid_request_error") -> bytes:
-    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    return json.dumps(error_payload(message, code, kind)).encode()
 
 
 class UploadLimit:
