@@ -27,8 +27,9 @@ from dxcli.base.errors import DxError
 
 SPLITS = ("train", "val", "test")
 LABEL_PAIRS = (("real", "fake"), ("0_real", "1_fake"), ("nature", "ai"))  # dx, ForenSynths, GenImage
-LABEL_OF = {name: ("real", "fake")[i] for pair in LABEL_PAIRS for i, name in enumerate(pair)}
-LABEL_NAMES = "real|0_real|nature and fake|1_fake|ai"
+LABELS = LABEL_PAIRS[0]  # what every label folder reads as
+LABEL_OF = {name: LABELS[i] for pair in LABEL_PAIRS for i, name in enumerate(pair)}
+LABEL_NAMES = " and ".join("|".join(pair[i] for pair in LABEL_PAIRS) for i in range(2))  # real|0_real|nature and ...
 LISTED_DEPTH = 3  # folders listed while looking for label folders: the deepest lie at depth 4
 PROGAN = "progan"  # ForenSynths' train and val sets are ProGAN images, one LSUN category a folder
 UNSPLIT = "test"  # a tree without split folders is a published test set
@@ -176,8 +177,8 @@ def check_label_names(folder: Folder) -> None:
     pairs = sorted({pair for pair in LABEL_PAIRS for name in folder.labels if name in pair})
     if len(pairs) < 2:
         return
-    keep = ("real", "fake") if ("real", "fake") in pairs else pairs[0]
-    moves = ", ".join(f"{name}/ into {keep[LABEL_PAIRS[0].index(LABEL_OF[name])]}/"
+    keep = LABELS if LABELS in pairs else pairs[0]
+    moves = ", ".join(f"{name}/ into {keep[LABELS.index(LABEL_OF[name])]}/"
                       for name in folder.labels if name not in keep)
     raise DxError(f"{folder.path}: label folders {', '.join(folder.labels)} mix namings; use one of "
                   f"real|fake, 0_real|1_fake, nature|ai per folder (move the images of {moves})")

@@ -15,10 +15,9 @@ from pathlib import Path, PurePosixPath
 
 from dxcli.base.errors import UsageError
 from dxcli.base.images import is_image_name
-from dxcli.data.layouts import (LABEL_OF, SPLITS, Folder, Layout, Place, check_label_names, detect_layout,
+from dxcli.data.layouts import (LABEL_OF, LABELS, SPLITS, Folder, Layout, Place, check_label_names, detect_layout,
                                 is_folder, list_folder, read_folders)
 
-LABELS = ("real", "fake")
 __all__ = ["LABELS", "SPLITS", "TreeImage", "TreeListing", "is_image_name", "parse_tree_path", "scan_tree",
            "walk_tree"]
 

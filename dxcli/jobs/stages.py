@@ -4,6 +4,7 @@ starting model, then the workers (in place or launched). The library entry point
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import sys
@@ -58,11 +59,12 @@ def run_sft_stage(stage: str, *, out: Path, resolved: cfgmod.Resolved, data: Pat
     config = prepare.open_run_dir(out, resolved, resume=resume, force=force, check=preflight(stage))
     records_file, images_root = prepare.run_records(out, "train-records.jsonl", resume=resume, say=say,
                                                     data=data, images=images, skip_bad=skip_bad)
+    records = functools.cache(lambda: load_records(records_file))  # read once, and only if needed
     if stage == "instruct":  # align learns the projector; its answers are not what it is for
-        missing = reasoning_warning(load_records(records_file), data)
+        missing = reasoning_warning(records(), data)
         if missing:  # a plain line: a rich console would wrap it
             print(f"warning: {missing}", file=sys.stderr, flush=True)
-    start = prepare.starting_model(model, config, out, lambda: [r.answer for r in load_records(records_file)])
+    start = prepare.starting_model(model, config, out, lambda: [r.answer for r in records()])
     job = SftJob(stage=stage, run_dir=str(out), config=str(out / "config.yaml"), records=str(records_file),
                  images=str(images_root), model=start, resume=resume)
     launch(stage, job, spec_for(config, spec))  # on --resume, the saved config's process counts
