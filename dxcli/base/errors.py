@@ -1,5 +1,9 @@
 """Errors a user can cause. The CLI prints them as one red line; everything else is a bug."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 class DxError(Exception):
     """A failure caused by input or environment (exit status 1)."""
@@ -37,3 +41,10 @@ def first_line(exc: BaseException) -> str:
     errors that quote a library's failure; its type's name when it has no message."""
     text = str(exc).strip()
     return text.splitlines()[0].rstrip(".") if text else type(exc).__name__
+
+
+def refuse_nonempty_out(out: Path, force: bool) -> None:
+    """Nothing is overwritten without asking: an `--out` that exists and is not an empty folder is a
+    usage error unless `force`."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise UsageError(f"{out} exists and is not empty; pass --force to write into it")

@@ -233,11 +233,10 @@ def demo(
     """
     from rich.table import Table
 
+    from dxcli.base.errors import refuse_nonempty_out
     from dxcli.data.demo import make_demo
-    from dxcli.base.errors import UsageError
 
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise UsageError(f"{out} exists and is not empty; pass --force to write into it")
+    refuse_nonempty_out(out, force)
     with progress_bar("rendering") as progress:
         summary = make_demo(out, seed=seed, progress=progress, overwrite=force, hard=hard)
     counts = summary.get("counts")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dxcli.base.errors import UsageError
+from dxcli.base.errors import UsageError, refuse_nonempty_out
 from dxcli.config import DxConfig
 from dxcli.model.checkpoint import save_checkpoint
 from dxcli.model.import_original import import_original
@@ -25,8 +25,7 @@ def import_model(src: str | Path, out: str | Path, config: DxConfig, *, pad: boo
     src, out = Path(src), Path(out)
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise UsageError("--out must be another folder than SRC (the original checkpoint is never modified)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise UsageError(f"{out} exists and is not empty; pass --force to write into it")
+    refuse_nonempty_out(out, force)
     aspect_ratio = None if pad is None else ("pad" if pad else "crop")
     bundle = import_original(src, config.model, aspect_ratio=aspect_ratio)
     save_checkpoint(bundle, out)
